@@ -1,0 +1,388 @@
+"""The pure core: each handler turns one command into changes in a Store and
+the events to deliver. No MQTT, SQL, threads or clocks here: the time, the id
+generator and the current epoch come in through `Context`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from . import protocol as p
+from .errors import BadRequest, Forbidden, NotFound
+from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, Store, User, direct_key, paged
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One payload for one destination.
+
+    `inbox` goes to `{prefix}/users/{key}/inbox`, `conversation` to
+    `{prefix}/conversations/{key}/events`, `presence` (retained) to
+    `{prefix}/presence/{key}`.
+    """
+
+    kind: Literal["inbox", "conversation", "presence"]
+    key: str
+    payload: p.WireModel
+
+
+@dataclass
+class Context:
+    store: Store
+    sender: str
+    now_ms: int
+    new_id: Callable[[str], str]
+    epoch: str = ""
+    request_id: str | None = None
+    out: list[Delivery] = field(default_factory=list)
+
+    @property
+    def ts(self) -> str:
+        return p.iso_ms(self.now_ms)
+
+    def answer(self, event_type: type[p.Event], data: Any) -> None:
+        self.out.append(Delivery("inbox", self.sender, event_type(ts=self.ts, request_id=self.request_id, data=data)))
+
+    def notify(
+        self, event_type: type[p.Event], data: Any, users: Iterable[str], conversation_id: str | None = None
+    ) -> None:
+        """One broadcast copy (request_id null) to each user, and to the conversation's topic."""
+        event = event_type(ts=self.ts, request_id=None, data=data)
+        self.out.extend(Delivery("inbox", u, event) for u in users)
+        if conversation_id is not None:
+            self.out.append(Delivery("conversation", conversation_id, event))
+
+
+Handler = Callable[[Any, Context], None]
+
+
+# --- views --------------------------------------------------------------------
+
+
+def user_out(user: User, active: set[str]) -> p.UserOut:
+    return p.UserOut(user_id=user.user_id, display_name=user.display_name, active=user.user_id in active)
+
+
+def message_out(m: Message) -> p.MessageOut:
+    return p.MessageOut(
+        message_id=m.message_id,
+        conversation_id=m.conversation_id,
+        seq=m.seq,
+        sender_id=m.sender_id,
+        body=m.body,
+        client_msg_id=m.client_msg_id,
+        created_at=p.iso_ms(m.created_ms),
+    )
+
+
+def members(store: Store, conv: Conversation) -> list[str]:
+    """Who takes part: everyone for global, the parent's participants for a thread."""
+    if conv.kind == "global":
+        return store.all_user_ids()
+    if conv.kind == "thread":
+        assert conv.parent_conversation_id is not None
+        return store.participant_ids(conv.parent_conversation_id)
+    return store.participant_ids(conv.conversation_id)
+
+
+def conversation_out(store: Store, conv: Conversation) -> p.ConversationOut:
+    return p.ConversationOut(
+        conversation_id=conv.conversation_id,
+        kind=conv.kind,
+        title=conv.title,
+        owner_id=conv.owner_id,
+        participants=[] if conv.kind == "global" else members(store, conv),
+        parent_conversation_id=conv.parent_conversation_id,
+        parent_message_id=conv.parent_message_id,
+        created_at=p.iso_ms(conv.created_ms),
+        last_seq=conv.last_seq,
+    )
+
+
+def visible_conversation(ctx: Context, conversation_id: str) -> Conversation:
+    """The conversation if the sender takes part in it; `not-found` otherwise, so existence never leaks."""
+    conv = ctx.store.get_conversation(conversation_id)
+    if conv is None or not is_member(ctx.store, conv, ctx.sender):
+        raise NotFound(f"conversation {conversation_id} not found")
+    return conv
+
+
+def is_member(store: Store, conv: Conversation, user_id: str) -> bool:
+    if conv.kind == "global":
+        return True
+    parent = conv.parent_conversation_id if conv.kind == "thread" else conv.conversation_id
+    assert parent is not None
+    return store.is_participant(parent, user_id)
+
+
+def ensure_user(ctx: Context, display_name: str | None = None) -> User:
+    """The sender, registered on its first command (identity comes from the topic)."""
+    user = ctx.store.get_user(ctx.sender)
+    if user is None:
+        user = User(ctx.sender, display_name, ctx.now_ms)
+        ctx.store.save_user(user)
+    elif display_name is not None and display_name != user.display_name:
+        user = replace(user, display_name=display_name)
+        ctx.store.save_user(user)
+    return user
+
+
+def known_users(store: Store, user_ids: Sequence[str]) -> list[str]:
+    """The ids, deduplicated in order; `not-found` naming the first unknown one."""
+    unique = list(dict.fromkeys(user_ids))
+    found = {u.user_id for u in store.get_users(unique)}
+    missing = [u for u in unique if u not in found]
+    if missing:
+        raise NotFound(f"unknown user {missing[0]}")
+    return unique
+
+
+# --- sessions and presence ------------------------------------------------------
+
+
+def presence(ctx: Context, user_id: str, status: Literal["online", "offline"]) -> None:
+    ctx.out.append(Delivery("presence", user_id, p.Presence(user_id=user_id, status=status, since=ctx.ts)))
+
+
+def connect(cmd: p.Connect, ctx: Context) -> None:
+    store = ctx.store
+    user = ensure_user(ctx, cmd.display_name)
+    was_active = store.has_active_session(user.user_id)
+    session = store.get_session(user.user_id, cmd.session_id)
+    if session is None or not session.active:
+        store.save_session(ChatSession(user.user_id, cmd.session_id, ctx.epoch, ctx.now_ms))
+    elif session.epoch != ctx.epoch:
+        store.save_session(replace(session, epoch=ctx.epoch))  # re-announced after a bridge restart
+    active_ids = store.active_user_ids()
+    active = set(active_ids)
+    me = user_out(user, active)
+    conversations = [conversation_out(store, c) for c in [store.get_conversation(GLOBAL_ID), *store.conversations_of(user.user_id)] if c]
+    ctx.answer(
+        p.Connected,
+        p.ConnectedData(
+            user=me,
+            session_id=cmd.session_id,
+            conversations=conversations,
+            active_users=[user_out(u, active) for u in store.get_users(active_ids)],
+        ),
+    )
+    if not was_active:
+        ctx.notify(p.UserConnected, p.UserConnectedData(user=me), active_ids)
+        presence(ctx, user.user_id, "online")
+
+
+def end_session(ctx: Context, session: ChatSession) -> None:
+    store = ctx.store
+    store.save_session(replace(session, ended_ms=ctx.now_ms))
+    if not store.has_active_session(session.user_id):
+        ctx.notify(p.UserDisconnected, p.UserDisconnectedData(user_id=session.user_id), store.active_user_ids())
+        presence(ctx, session.user_id, "offline")
+
+
+def disconnect(cmd: p.Disconnect, ctx: Context) -> None:
+    session = ctx.store.get_session(ctx.sender, cmd.session_id)
+    if session is not None and session.active:  # otherwise a stale will: nothing to do
+        end_session(ctx, session)
+
+
+def expire_sessions(ctx: Context) -> int:
+    """Ends the sessions not re-announced since this bridge's epoch began; returns how many."""
+    stale = ctx.store.active_sessions_outside_epoch(ctx.epoch)
+    for session in stale:
+        end_session(ctx, session)
+    return len(stale)
+
+
+# --- conversations --------------------------------------------------------------
+
+
+def create_conversation(cmd: p.CreateConversation, ctx: Context) -> None:
+    store = ctx.store
+    ensure_user(ctx)
+    if cmd.kind == "direct":
+        if len(set(cmd.participants)) != 1:
+            raise BadRequest("a direct conversation takes exactly one other participant")
+        (other,) = set(cmd.participants)
+        if other == ctx.sender:
+            raise BadRequest("a direct conversation with oneself is not allowed")
+        known_users(store, [other])
+        key = direct_key(ctx.sender, other)
+        existing = store.find_direct(key)
+        if existing is not None:
+            ctx.answer(p.ConversationCreated, p.ConversationData(conversation=conversation_out(store, existing)))
+            return
+        conv = Conversation(ctx.new_id("c"), "direct", cmd.title, None, None, None, ctx.now_ms)
+        store.add_conversation(conv, [ctx.sender, other], direct_key=key)  # Conflict: a racing twin won
+    else:
+        others = [u for u in known_users(store, cmd.participants) if u != ctx.sender]
+        conv = Conversation(ctx.new_id("c"), "group", cmd.title, ctx.sender, None, None, ctx.now_ms)
+        store.add_conversation(conv, [ctx.sender, *others])
+    data = p.ConversationData(conversation=conversation_out(store, conv))
+    ctx.answer(p.ConversationCreated, data)
+    ctx.notify(
+        p.ConversationCreated,
+        data,
+        [u for u in store.participant_ids(conv.conversation_id) if u != ctx.sender],
+        conv.conversation_id,
+    )
+
+
+def invite(cmd: p.Invite, ctx: Context) -> None:
+    store = ctx.store
+    conv = visible_conversation(ctx, cmd.conversation_id)
+    if conv.kind != "group":
+        raise Forbidden(f"cannot invite to a {conv.kind} conversation")
+    invited = known_users(store, cmd.user_ids)
+    existing = store.participant_ids(conv.conversation_id)
+    new = [u for u in invited if u not in set(existing)]
+    data = p.ParticipantsAddedData(conversation_id=conv.conversation_id, user_ids=new)
+    ctx.answer(p.ParticipantsAdded, data)
+    if not new:
+        return
+    store.add_participants(conv.conversation_id, new)
+    ctx.notify(p.ParticipantsAdded, data, [u for u in existing if u != ctx.sender], conv.conversation_id)
+    created = p.ConversationData(conversation=conversation_out(store, conv))
+    ctx.notify(p.ConversationCreated, created, new)
+
+
+def remove(ctx: Context, conv: Conversation) -> None:
+    """Deletes the conversation with its threads; tells every participant."""
+    store = ctx.store
+    everyone = members(store, conv)
+    for thread in store.threads_of(conv.conversation_id):
+        store.delete_conversation(thread.conversation_id)
+        ctx.notify(p.ConversationRemoved, p.ConversationIdData(conversation_id=thread.conversation_id), [],
+                   thread.conversation_id)
+    store.delete_conversation(conv.conversation_id)
+    data = p.ConversationIdData(conversation_id=conv.conversation_id)
+    ctx.answer(p.ConversationRemoved, data)
+    ctx.notify(p.ConversationRemoved, data, [u for u in everyone if u != ctx.sender], conv.conversation_id)
+
+
+def leave(cmd: p.Leave, ctx: Context) -> None:
+    conv = visible_conversation(ctx, cmd.conversation_id)
+    if conv.kind != "group":
+        raise Forbidden(f"cannot leave a {conv.kind} conversation")
+    if conv.owner_id == ctx.sender:
+        remove(ctx, conv)
+        return
+    ctx.store.remove_participant(conv.conversation_id, ctx.sender)
+    data = p.ParticipantLeftData(conversation_id=conv.conversation_id, user_id=ctx.sender)
+    ctx.answer(p.ParticipantLeft, data)
+    ctx.notify(p.ParticipantLeft, data, ctx.store.participant_ids(conv.conversation_id), conv.conversation_id)
+
+
+def remove_conversation(cmd: p.RemoveConversation, ctx: Context) -> None:
+    conv = visible_conversation(ctx, cmd.conversation_id)
+    if conv.owner_id != ctx.sender:
+        raise Forbidden("only the owner may remove a conversation")
+    remove(ctx, conv)
+
+
+# --- messages ---------------------------------------------------------------------
+
+
+def post(ctx: Context, conv: Conversation, body: str, client_msg_id: str | None) -> None:
+    store = ctx.store
+    ensure_user(ctx)
+    if client_msg_id is not None:
+        original = store.find_by_client_msg_id(conv.conversation_id, ctx.sender, client_msg_id)
+        if original is not None:
+            ctx.answer(p.MessageAdded, p.MessageData(message=message_out(original)))
+            return
+    seq = store.next_seq(conv.conversation_id)
+    message = Message(ctx.new_id("m"), conv.conversation_id, seq, ctx.sender, body, client_msg_id, ctx.now_ms)
+    store.add_message(message)
+    data = p.MessageData(message=message_out(message))
+    ctx.answer(p.MessageAdded, data)
+    others = [u for u in members(store, conv) if u != ctx.sender]
+    ctx.notify(p.MessageAdded, data, others, conv.conversation_id)
+
+
+def send_message(cmd: p.SendMessage, ctx: Context) -> None:
+    post(ctx, visible_conversation(ctx, cmd.conversation_id), cmd.body, cmd.client_msg_id)
+
+
+def reply(cmd: p.Reply, ctx: Context) -> None:
+    store = ctx.store
+    root = store.get_message(cmd.message_id)
+    conv = store.get_conversation(root.conversation_id) if root else None
+    if root is None or conv is None or not is_member(store, conv, ctx.sender):
+        raise NotFound(f"message {cmd.message_id} not found")
+    if conv.kind == "thread":
+        thread = conv  # threads do not nest: a reply to a reply joins the same thread
+    else:
+        found = store.find_thread(root.message_id)
+        if found is None:
+            thread = Conversation(
+                ctx.new_id("t"), "thread", None, None, conv.conversation_id, root.message_id, ctx.now_ms
+            )
+            store.add_conversation(thread, [])  # Conflict when a concurrent reply created it first
+            created = p.ConversationData(conversation=conversation_out(store, thread))
+            ctx.notify(p.ConversationCreated, created, members(store, thread), thread.conversation_id)
+        else:
+            thread = found
+    post(ctx, thread, cmd.body, cmd.client_msg_id)
+
+
+def get_messages(cmd: p.GetMessages, ctx: Context) -> None:
+    conv = visible_conversation(ctx, cmd.conversation_id)
+    if (cmd.since_seq is None) == (cmd.since is None):
+        raise BadRequest("give exactly one of since_seq and since")
+    if cmd.since_seq is not None:
+        rows = ctx.store.messages_after_seq(conv.conversation_id, cmd.since_seq, cmd.limit + 1)
+    else:
+        assert cmd.since is not None
+        rows = ctx.store.messages_after_ms(conv.conversation_id, p.ms_of(cmd.since), cmd.limit + 1)
+    page, has_more = paged(rows, cmd.limit)
+    ctx.answer(p.Messages, p.MessagesData(conversation_id=conv.conversation_id,
+                                          messages=[message_out(m) for m in page], has_more=has_more))
+
+
+def get_prior_messages(cmd: p.GetPriorMessages, ctx: Context) -> None:
+    conv = visible_conversation(ctx, cmd.conversation_id)
+    rows = ctx.store.messages_before_seq(conv.conversation_id, cmd.before_seq, cmd.limit + 1)
+    page, has_more = paged(rows, cmd.limit)
+    ctx.answer(p.Messages, p.MessagesData(conversation_id=conv.conversation_id,
+                                          messages=[message_out(m) for m in reversed(page)], has_more=has_more))
+
+
+def get_conversations(cmd: p.GetConversations, ctx: Context) -> None:
+    store = ctx.store
+    convs = [c for c in [store.get_conversation(GLOBAL_ID), *store.conversations_of(ctx.sender)] if c]
+    ctx.answer(p.Conversations, p.ConversationsData(conversations=[conversation_out(store, c) for c in convs]))
+
+
+def get_participants(cmd: p.GetParticipants, ctx: Context) -> None:
+    conv = visible_conversation(ctx, cmd.conversation_id)
+    active = set(ctx.store.active_user_ids())
+    users = ctx.store.get_users(members(ctx.store, conv))
+    ctx.answer(p.Participants, p.ParticipantsData(conversation_id=conv.conversation_id,
+                                                  participants=[user_out(u, active) for u in users]))
+
+
+def get_active_users(cmd: p.GetActiveUsers, ctx: Context) -> None:
+    ids = ctx.store.active_user_ids()
+    active = set(ids)
+    ctx.answer(p.ActiveUsers, p.ActiveUsersData(users=[user_out(u, active) for u in ctx.store.get_users(ids)]))
+
+
+HANDLERS: dict[type[p.Command], Handler] = {
+    p.Connect: connect,
+    p.Disconnect: disconnect,
+    p.CreateConversation: create_conversation,
+    p.Invite: invite,
+    p.Leave: leave,
+    p.RemoveConversation: remove_conversation,
+    p.SendMessage: send_message,
+    p.Reply: reply,
+    p.GetMessages: get_messages,
+    p.GetPriorMessages: get_prior_messages,
+    p.GetConversations: get_conversations,
+    p.GetParticipants: get_participants,
+    p.GetActiveUsers: get_active_users,
+}
+
+__all__ = ["HANDLERS", "Conflict", "Context", "Delivery", "expire_sessions"]

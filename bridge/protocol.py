@@ -1,0 +1,369 @@
+"""The wire protocol, version 1: one pydantic model per command and per event.
+
+These classes are the single source of truth for the wire format; `schemas/`
+is generated from them (`python -m bridge.schemagen`) and a test fails when
+the committed files drift.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+MAX_SEQ = 2**62
+
+UserId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+ObjectId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+RequestId = Annotated[str, StringConstraints(max_length=64)]
+SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Body = Annotated[str, StringConstraints(min_length=1, max_length=8000)]
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+Title = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
+Timestamp = Annotated[str, Field(description="ISO 8601 in UTC with milliseconds, e.g. 2026-11-24T10:00:00.123Z")]
+MAX_PARTICIPANTS_PER_COMMAND = 100
+
+
+def iso_ms(ms: int) -> str:
+    """Milliseconds since the epoch as the protocol's timestamp."""
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def ms_of(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+# --- commands ---------------------------------------------------------------
+
+
+class Command(BaseModel):
+    """A command: a flat JSON object; unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    name: ClassVar[str]
+    request_id: RequestId | None = None
+
+
+class Connect(Command):
+    name = "connect"
+    session_id: SessionId
+    display_name: DisplayName | None = None
+
+
+class Disconnect(Command):
+    name = "disconnect"
+    session_id: SessionId
+    reason: Literal["client", "lost"] | None = None
+
+
+class CreateConversation(Command):
+    name = "create-conversation"
+    kind: Literal["direct", "group"]
+    participants: Annotated[list[UserId], Field(min_length=1, max_length=MAX_PARTICIPANTS_PER_COMMAND)]
+    title: Title | None = None
+
+
+class Invite(Command):
+    name = "invite"
+    conversation_id: ObjectId
+    user_ids: Annotated[list[UserId], Field(min_length=1, max_length=MAX_PARTICIPANTS_PER_COMMAND)]
+
+
+class Leave(Command):
+    name = "leave"
+    conversation_id: ObjectId
+
+
+class RemoveConversation(Command):
+    name = "remove-conversation"
+    conversation_id: ObjectId
+
+
+class SendMessage(Command):
+    name = "send-message"
+    conversation_id: ObjectId
+    body: Body
+    client_msg_id: ClientMsgId | None = None
+
+
+class Reply(Command):
+    name = "reply"
+    message_id: ObjectId
+    body: Body
+    client_msg_id: ClientMsgId | None = None
+
+
+class GetMessages(Command):
+    """Exactly one of `since_seq` and `since` is required (checked by the handler)."""
+
+    name = "get-messages"
+    conversation_id: ObjectId
+    since_seq: Seq | None = None
+    since: datetime | None = None
+    limit: Annotated[int, Field(ge=1, le=500)] = 100
+
+
+class GetPriorMessages(Command):
+    name = "get-prior-messages"
+    conversation_id: ObjectId
+    before_seq: Seq | None = None
+    limit: Annotated[int, Field(ge=1, le=500)] = 50
+
+
+class GetConversations(Command):
+    name = "get-conversations"
+
+
+class GetParticipants(Command):
+    name = "get-participants"
+    conversation_id: ObjectId
+
+
+class GetActiveUsers(Command):
+    name = "get-active-users"
+
+
+COMMANDS: dict[str, type[Command]] = {
+    cls.name: cls
+    for cls in (
+        Connect,
+        Disconnect,
+        CreateConversation,
+        Invite,
+        Leave,
+        RemoveConversation,
+        SendMessage,
+        Reply,
+        GetMessages,
+        GetPriorMessages,
+        GetConversations,
+        GetParticipants,
+        GetActiveUsers,
+    )
+}
+
+
+# --- objects inside events ----------------------------------------------------
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class UserOut(WireModel):
+    user_id: str
+    display_name: str | None
+    active: bool
+
+
+class ConversationOut(WireModel):
+    conversation_id: str
+    kind: Literal["global", "direct", "group", "thread"]
+    title: str | None
+    owner_id: str | None
+    participants: list[str] = Field(description="user ids; for `global` empty, meaning everyone")
+    parent_conversation_id: str | None
+    parent_message_id: str | None
+    created_at: Timestamp
+    last_seq: int
+
+
+class MessageOut(WireModel):
+    message_id: str
+    conversation_id: str
+    seq: int
+    sender_id: str
+    body: str
+    client_msg_id: str | None
+    created_at: Timestamp
+
+
+# --- events -------------------------------------------------------------------
+
+
+class Event(WireModel):
+    """The envelope every event has; `data` is narrowed by each subclass."""
+
+    type: str
+    request_id: str | None = Field(
+        default=None,
+        description="the answered command's request_id on the sender's copy; null on every other copy",
+    )
+    ts: Timestamp
+    data: Any
+
+
+class ConnectedData(WireModel):
+    user: UserOut
+    session_id: str
+    conversations: list[ConversationOut]
+    active_users: list[UserOut]
+
+
+class Connected(Event):
+    type: Literal["connected"] = "connected"
+    data: ConnectedData
+
+
+class UserConnectedData(WireModel):
+    user: UserOut
+
+
+class UserConnected(Event):
+    type: Literal["user-connected"] = "user-connected"
+    data: UserConnectedData
+
+
+class UserDisconnectedData(WireModel):
+    user_id: str
+
+
+class UserDisconnected(Event):
+    type: Literal["user-disconnected"] = "user-disconnected"
+    data: UserDisconnectedData
+
+
+class ConversationData(WireModel):
+    conversation: ConversationOut
+
+
+class ConversationCreated(Event):
+    type: Literal["conversation-created"] = "conversation-created"
+    data: ConversationData
+
+
+class ParticipantsAddedData(WireModel):
+    conversation_id: str
+    user_ids: list[str]
+
+
+class ParticipantsAdded(Event):
+    type: Literal["participants-added"] = "participants-added"
+    data: ParticipantsAddedData
+
+
+class ParticipantLeftData(WireModel):
+    conversation_id: str
+    user_id: str
+
+
+class ParticipantLeft(Event):
+    type: Literal["participant-left"] = "participant-left"
+    data: ParticipantLeftData
+
+
+class ConversationIdData(WireModel):
+    conversation_id: str
+
+
+class ConversationRemoved(Event):
+    type: Literal["conversation-removed"] = "conversation-removed"
+    data: ConversationIdData
+
+
+class MessageData(WireModel):
+    message: MessageOut
+
+
+class MessageAdded(Event):
+    type: Literal["message-added"] = "message-added"
+    data: MessageData
+
+
+class MessagesData(WireModel):
+    conversation_id: str
+    messages: list[MessageOut]
+    has_more: bool
+
+
+class Messages(Event):
+    type: Literal["messages"] = "messages"
+    data: MessagesData
+
+
+class ConversationsData(WireModel):
+    conversations: list[ConversationOut]
+
+
+class Conversations(Event):
+    type: Literal["conversations"] = "conversations"
+    data: ConversationsData
+
+
+class ParticipantsData(WireModel):
+    conversation_id: str
+    participants: list[UserOut]
+
+
+class Participants(Event):
+    type: Literal["participants"] = "participants"
+    data: ParticipantsData
+
+
+class ActiveUsersData(WireModel):
+    users: list[UserOut]
+
+
+class ActiveUsers(Event):
+    type: Literal["active-users"] = "active-users"
+    data: ActiveUsersData
+
+
+ErrorCode = Literal[
+    "bad-request", "unknown-command", "not-found", "forbidden", "payload-too-large", "rate-limited", "internal"
+]
+
+
+class ErrorData(WireModel):
+    code: ErrorCode
+    message: str
+    command: str | None
+    retry_after: float | None = Field(default=None, description="seconds; only with rate-limited")
+
+
+class Error(Event):
+    type: Literal["error"] = "error"
+    data: ErrorData
+
+
+EVENTS: tuple[type[Event], ...] = (
+    Connected,
+    UserConnected,
+    UserDisconnected,
+    ConversationCreated,
+    ParticipantsAdded,
+    ParticipantLeft,
+    ConversationRemoved,
+    MessageAdded,
+    Messages,
+    Conversations,
+    Participants,
+    ActiveUsers,
+    Error,
+)
+
+
+# --- retained state topics ------------------------------------------------------
+
+
+class Presence(WireModel):
+    """Retained on `{prefix}/presence/{user}`."""
+
+    user_id: str
+    status: Literal["online", "offline"]
+    since: Timestamp
+
+
+class BridgeStatus(WireModel):
+    """Retained on `{prefix}/bridge/status`; the bridge's last will is `{"status": "offline"}`."""
+
+    status: Literal["online", "offline"]
+    epoch: str | None = None
+    since: Timestamp | None = None

@@ -1,0 +1,157 @@
+"""The service layer: raw commands in, deliveries out, one transaction per batch.
+
+Each command runs in its own savepoint, so a bad or failing command changes
+nothing while the others in its batch commit together.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import orjson
+from pydantic import ValidationError
+
+from . import core
+from . import protocol as p
+from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, UnknownCommand
+from .model import Conflict, Store, UnitOfWork
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A command as it came off the wire: the user and command from the topic, the raw payload."""
+
+    user_id: str
+    command: str
+    payload: bytes
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(12)}"
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def parse(item: Inbound, max_payload: int) -> p.Command:
+    """Validates the payload against the command's model; raises the protocol's errors."""
+    if len(item.payload) > max_payload:
+        raise PayloadTooLarge(f"payload is {len(item.payload)} bytes; the limit is {max_payload}")
+    model = p.COMMANDS.get(item.command)
+    if model is None:
+        raise UnknownCommand(f"no command named {item.command!r}")
+    try:
+        return model.model_validate_json(item.payload)
+    except ValidationError as exc:
+        raise BadRequest(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return "payload is not valid JSON"
+    if first["type"] in ("model_type", "model_attributes_type"):
+        return "payload must be a JSON object"
+    where = ".".join(str(part) for part in first["loc"]) or "payload"
+    return f"{where}: {first['msg']}"
+
+
+def request_id_of(payload: bytes) -> str | None:
+    """The request_id of a command that failed validation, when one can be read."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 64 else None
+
+
+class Service:
+    def __init__(
+        self,
+        uow: UnitOfWork,
+        *,
+        epoch: str,
+        max_payload: int = 64 * 1024,
+        clock: Callable[[], int] = wall_clock_ms,
+        ids: Callable[[str], str] = new_id,
+        transient: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self.uow = uow
+        self.epoch = epoch
+        self.max_payload = max_payload
+        self.clock = clock
+        self.ids = ids
+        self.transient = transient  # storage outages: propagate so the batch is retried, never answered
+
+    def handle_batch(self, items: Sequence[Inbound]) -> list[core.Delivery]:
+        """Applies the commands in order in one transaction; returns what to publish after it committed."""
+        out: list[core.Delivery] = []
+        with self.uow.transaction() as store:
+            for item in items:
+                out.extend(self._handle(store, item))
+        return out
+
+    def handle(self, item: Inbound) -> list[core.Delivery]:
+        return self.handle_batch([item])
+
+    def expire_sessions(self) -> list[core.Delivery]:
+        """Ends sessions that were not re-announced since this bridge started."""
+        with self.uow.transaction() as store:
+            ctx = self._context(store, "", None)
+            count = core.expire_sessions(ctx)
+        if count:
+            log.info("ended %d session(s) not re-announced after the restart", count)
+        return ctx.out
+
+    def _context(self, store: Store, sender: str, request_id: str | None) -> core.Context:
+        return core.Context(store, sender, self.clock(), self.ids, self.epoch, request_id)
+
+    def _handle(self, store: Store, item: Inbound) -> list[core.Delivery]:
+        command_name = item.command if item.command in p.COMMANDS else None
+        request_id = None
+        try:
+            cmd = parse(item, self.max_payload)
+            request_id = cmd.request_id
+            return self._apply(store, item.user_id, cmd)
+        except ChatError as exc:
+            if request_id is None and not isinstance(exc, PayloadTooLarge):
+                request_id = request_id_of(item.payload)
+            return [self._error(store, item.user_id, exc, command_name, request_id)]
+
+    def _apply(self, store: Store, sender: str, cmd: p.Command) -> list[core.Delivery]:
+        handler = core.HANDLERS[type(cmd)]
+        for attempt in (1, 2):
+            ctx = self._context(store, sender, cmd.request_id)
+            try:
+                with store.atomic():
+                    handler(cmd, ctx)
+                return ctx.out
+            except Conflict:
+                if attempt == 2:
+                    log.exception("%s by %s kept conflicting", cmd.name, sender)
+                    raise InternalError("a concurrent change conflicted; retry the command") from None
+            except ChatError:
+                raise
+            except self.transient:
+                raise
+            except Exception:
+                log.exception("%s by %s failed", cmd.name, sender)
+                raise InternalError("the bridge failed to apply the command; nothing was done") from None
+        raise AssertionError("unreachable")
+
+    def _error(
+        self, store: Store, user_id: str, exc: ChatError, command: str | None, request_id: str | None
+    ) -> core.Delivery:
+        retry_after = getattr(exc, "retry_after", None)
+        data = p.ErrorData(code=exc.code, message=exc.message, command=command,  # type: ignore[arg-type]
+                           retry_after=retry_after)
+        event = p.Error(ts=p.iso_ms(self.clock()), request_id=request_id, data=data)
+        return core.Delivery("inbox", user_id, event)
