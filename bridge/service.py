@@ -102,6 +102,16 @@ class Service:
     def handle(self, item: Inbound) -> list[core.Delivery]:
         return self.handle_batch([item])
 
+    def internal_errors(self, items: Sequence[Inbound]) -> list[core.Delivery]:
+        """Answers for commands whose batch could not be committed at all."""
+        failure = InternalError("the bridge failed to apply the command; nothing was done")
+        return [
+            self._error(item.user_id, failure, item.command if item.command in p.COMMANDS else None,
+                        request_id_of(item.payload))
+            for item in items
+            if item.command != "disconnect"
+        ]
+
     def expire_sessions(self) -> list[core.Delivery]:
         """Ends sessions that were not re-announced since this bridge started."""
         with self.uow.transaction() as store:
@@ -124,7 +134,7 @@ class Service:
         except ChatError as exc:
             if request_id is None and not isinstance(exc, PayloadTooLarge):
                 request_id = request_id_of(item.payload)
-            return [self._error(store, item.user_id, exc, command_name, request_id)]
+            return [self._error(item.user_id, exc, command_name, request_id)]
 
     def _apply(self, store: Store, sender: str, cmd: p.Command) -> list[core.Delivery]:
         handler = core.HANDLERS[type(cmd)]
@@ -147,9 +157,7 @@ class Service:
                 raise InternalError("the bridge failed to apply the command; nothing was done") from None
         raise AssertionError("unreachable")
 
-    def _error(
-        self, store: Store, user_id: str, exc: ChatError, command: str | None, request_id: str | None
-    ) -> core.Delivery:
+    def _error(self, user_id: str, exc: ChatError, command: str | None, request_id: str | None) -> core.Delivery:
         retry_after = getattr(exc, "retry_after", None)
         data = p.ErrorData(code=exc.code, message=exc.message, command=command,  # type: ignore[arg-type]
                            retry_after=retry_after)

@@ -1,0 +1,69 @@
+"""Settings, built once by `chat-bridge serve` and passed down."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_LISTEN = "127.0.0.1:1883"
+DEFAULT_DATABASE_URL = "sqlite:///chat-bridge.sqlite3"
+DEFAULT_PREFIX = "chat/v1"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ConfigError(f"broker URL must look like mqtt://[user:password@]host:port, not {url!r}")
+        try:
+            port = parts.port or 1883
+        except ValueError:
+            raise ConfigError(f"bad port in broker URL {url!r}") from None
+        return cls(parts.hostname, port, unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None)
+
+    def __str__(self) -> str:
+        return f"mqtt://{self.username + '@' if self.username else ''}{self.host}:{self.port}"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", value.strip())
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(f"--listen takes host:port, e.g. 127.0.0.1:1884, not {value!r}")
+    return match.group(1) or "127.0.0.1", int(match.group(2))
+
+
+def check_prefix(prefix: str) -> str:
+    if not prefix or any(ch in prefix for ch in "+#") or prefix.startswith("/") or prefix.endswith("/"):
+        raise ConfigError(f"topic prefix must be a plain topic path like chat/v1, not {prefix!r}")
+    return prefix
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str | None = None
+    listen: str = DEFAULT_LISTEN
+    database_url: str = DEFAULT_DATABASE_URL
+    topic_prefix: str = DEFAULT_PREFIX
+    client_id: str = "chat-bridge"
+    max_payload: int = 64 * 1024
+    session_grace: float = 30.0
+    keepalive: int = 30
+
+    def broker(self) -> BrokerAddress:
+        if self.broker_url:
+            return BrokerAddress.from_url(self.broker_url)
+        host, port = parse_listen(self.listen)
+        return BrokerAddress("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)

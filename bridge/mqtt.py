@@ -1,0 +1,239 @@
+"""The paho-mqtt adapter: commands in from the broker, deliveries out to it.
+
+paho's network thread only queues what arrives; one worker thread drains the
+queue in batches, applies each batch in one transaction, publishes the events
+once it committed and only then acknowledges the commands (`manual_ack`).
+With a fixed client id and a persistent session, commands published while the
+bridge is down are queued by the broker and applied when it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from . import protocol as p
+from .config import BrokerAddress
+from .core import Delivery
+from .protocol import ID_PATTERN
+from .service import Inbound, Service
+
+log = logging.getLogger(__name__)
+
+_USER_ID = re.compile(ID_PATTERN)
+
+
+class Topics:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.commands = f"{prefix}/users/+/commands/+"
+        self.status = f"{prefix}/bridge/status"
+        self._command_parts = len(prefix.split("/")) + 4
+
+    def parse_command(self, topic: str) -> tuple[str, str] | None:
+        """(user id, command name) of a command topic, or None when it is not one we can answer."""
+        parts = topic.split("/")
+        if len(parts) != self._command_parts or "/".join(parts[:-4]) != self.prefix:
+            return None
+        user, command = parts[-3], parts[-1]
+        return (user, command) if _USER_ID.match(user) else None
+
+    def inbox(self, user_id: str) -> str:
+        return f"{self.prefix}/users/{user_id}/inbox"
+
+    def conversation(self, conversation_id: str) -> str:
+        return f"{self.prefix}/conversations/{conversation_id}/events"
+
+    def presence(self, user_id: str) -> str:
+        return f"{self.prefix}/presence/{user_id}"
+
+    def of(self, delivery: Delivery) -> str:
+        if delivery.kind == "inbox":
+            return self.inbox(delivery.key)
+        if delivery.kind == "conversation":
+            return self.conversation(delivery.key)
+        return self.presence(delivery.key)
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    inbound: Inbound
+    mid: int
+    qos: int
+
+
+class MqttBridge:
+    """Runs the service against a broker until `stop()`."""
+
+    def __init__(
+        self,
+        service: Service,
+        broker: BrokerAddress,
+        topics: Topics,
+        *,
+        client_id: str = "chat-bridge",
+        keepalive: int = 30,
+        session_grace: float = 30.0,
+        batch_max: int = 256,
+        is_transient: Callable[[BaseException], bool] = lambda exc: False,
+    ) -> None:
+        self.service = service
+        self.broker = broker
+        self.topics = topics
+        self.keepalive = keepalive
+        self.session_grace = session_grace
+        self.batch_max = batch_max
+        self.is_transient = is_transient
+        self.ready = threading.Event()
+        self._queue: queue.SimpleQueue[_Received | Callable[[], list[Delivery]] | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._since = p.iso_ms(service.clock())
+        self._grace_timer: threading.Timer | None = None
+        self._worker = threading.Thread(target=self._work, name="bridge-worker", daemon=True)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=paho.MQTTv311,
+            manual_ack=True,
+        )
+        if broker.username:
+            self.client.username_pw_set(broker.username, broker.password)
+        offline = orjson.dumps({"status": "offline", "epoch": service.epoch})
+        self.client.will_set(topics.status, offline, qos=1, retain=True)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+        log.info("connecting to %s", self.broker)
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.keepalive)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        """Finishes the batch in hand, announces `offline` and disconnects."""
+        if self._grace_timer:
+            self._grace_timer.cancel()
+        self._stopping.set()
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+        if self.client.is_connected():
+            status = orjson.dumps({"status": "offline", "epoch": self.service.epoch,
+                                   "since": p.iso_ms(self.service.clock())})
+            info = self.client.publish(self.topics.status, status, qos=1, retain=True)
+            info.wait_for_publish(timeout=5)
+            self.client.disconnect()
+        self.client.loop_stop()
+
+    # --- paho callbacks (network thread: no database work here) --------------
+
+    def _on_connect(self, client: paho.Client, _userdata: object, _flags: object, reason: object,
+                    _props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker %s refused the connection: %s", self.broker, reason)
+            return
+        log.info("connected to %s", self.broker)
+        client.subscribe(self.topics.commands, qos=1)
+
+    def _on_subscribe(self, client: paho.Client, _userdata: object, _mid: int, reason_codes: list[object],
+                      _props: object) -> None:
+        if any(getattr(rc, "is_failure", False) for rc in reason_codes):
+            log.error("the broker refused our subscription to %s: check its ACL", self.topics.commands)
+            return
+        status = p.BridgeStatus(status="online", epoch=self.service.epoch, since=self._since)
+        client.publish(self.topics.status, status.model_dump_json(), qos=1, retain=True)
+        if not self.ready.is_set():
+            self.ready.set()
+            self._grace_timer = threading.Timer(self.session_grace, self._queue.put,
+                                                args=(self.service.expire_sessions,))
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
+            log.info("bridge online (epoch %s)", self.service.epoch)
+
+    def _on_disconnect(self, _client: paho.Client, _userdata: object, _flags: object, reason: object,
+                       _props: object) -> None:
+        if not self._stopping.is_set():
+            log.warning("lost the broker (%s); reconnecting", reason)
+
+    def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+        parsed = self.topics.parse_command(msg.topic)
+        if parsed is None:
+            log.warning("ignored a message on %r: not a command topic with a valid user id", msg.topic)
+            if msg.qos:
+                self.client.ack(msg.mid, msg.qos)
+            return
+        self._queue.put(_Received(Inbound(parsed[0], parsed[1], msg.payload), msg.mid, msg.qos))
+
+    # --- worker ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if callable(item):
+                self._publish(self._retrying(item))
+                continue
+            batch = [item]
+            while len(batch) < self.batch_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(nxt, _Received):
+                    self._queue.put(nxt)  # keep internal jobs and the stop signal for the next round
+                    break
+                batch.append(nxt)
+            inbound = [r.inbound for r in batch]
+            deliveries = self._retrying(lambda: self.service.handle_batch(inbound),
+                                        lambda: self.service.internal_errors(inbound))
+            self._publish(deliveries)
+            for r in batch:
+                if r.qos:
+                    self.client.ack(r.mid, r.qos)
+
+    def _retrying(
+        self, job: Callable[[], list[Delivery]], fallback: Callable[[], list[Delivery]] = list
+    ) -> list[Delivery]:
+        """Runs the job until it commits; while storage is down nothing is acknowledged.
+
+        A failure that is not an outage is retried a few times, then answered by `fallback`.
+        """
+        delay, failures = 0.5, 0
+        while True:
+            try:
+                return job()
+            except Exception as exc:
+                if self.is_transient(exc):
+                    log.warning("storage unavailable (%s); retrying in %.1fs, commands stay unacknowledged",
+                                type(exc).__name__, delay)
+                else:
+                    failures += 1
+                    log.exception("a batch failed to commit (attempt %d)", failures)
+                    if failures >= 3:
+                        return fallback()
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _publish(self, deliveries: list[Delivery]) -> None:
+        encoded: dict[int, bytes] = {}
+        for d in deliveries:
+            key = id(d.payload)
+            payload = encoded.get(key)
+            if payload is None:
+                payload = encoded[key] = d.payload.model_dump_json().encode()
+            self.client.publish(self.topics.of(d), payload, qos=1, retain=d.kind == "presence")
