@@ -1,0 +1,185 @@
+"""Shared fixtures: a real Mosquitto on a free port, scratch PostgreSQL databases,
+the embedded broker in a thread, and the bridge running in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PG_ADMIN_URL = os.environ.get("CHAT_BRIDGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Mosquitto:
+    """`mosquitto` from its binary with the project's dev config, on a free port."""
+
+    def __init__(self, workdir: Path, conf: Path = ROOT / "mosquitto" / "dev.conf") -> None:
+        self.port = free_port()
+        lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("listener ")]
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        # `information` logs the "running" line that tells us it listens.
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\n" + "\n".join(lines) + "\nlog_type information\n")
+        self.log: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> Mosquitto:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stderr=subprocess.PIPE, text=True)
+        running = threading.Event()
+
+        def read_log() -> None:  # keeps the pipe drained and tells us when it listens
+            assert self.proc is not None and self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if " running" in line:
+                    running.set()
+            running.set()
+
+        threading.Thread(target=read_log, daemon=True).start()
+        if not running.wait(10) or self.proc.poll() is not None:
+            raise RuntimeError(f"mosquitto did not start: {''.join(self.log)}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def mosquitto_available() -> bool:
+    return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    if not mosquitto_available():
+        pytest.skip("the mosquitto binary is not installed (scripts/test installs it)")
+    broker = Mosquitto(tmp_path).start()
+    yield broker
+    broker.stop()
+
+
+def _pg_reachable() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return None
+    except Exception as exc:
+        return f"no PostgreSQL reachable at {PG_ADMIN_URL} ({type(exc).__name__}); set CHAT_BRIDGE_TEST_POSTGRES"
+
+
+@contextmanager
+def scratch_postgres() -> Iterator[str]:
+    """A new empty database, dropped afterwards; yields its SQLAlchemy URL."""
+    import psycopg
+
+    reason = _pg_reachable()
+    if reason:
+        pytest.skip(reason)
+    name = f"chat_bridge_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with scratch_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'chat.sqlite3'}"
+    else:
+        with scratch_postgres() as url:
+            yield url
+
+
+class EmbeddedBroker:
+    """The embedded amqtt broker, in a thread with its own event loop."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        from bridge.broker import start_broker
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            broker = await start_broker("127.0.0.1", self.port)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await broker.shutdown()
+
+    def start(self) -> EmbeddedBroker:
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker().start()
+    yield broker
+    broker.stop()
+
+
+@contextmanager
+def running_bridge(port: int, database_url: str, **settings: object) -> Iterator[object]:
+    """The bridge, in this process, against the broker on `port`; ready when its status is online."""
+    from bridge.cli import build_bridge
+    from bridge.config import Settings
+
+    config = Settings(broker_url=f"mqtt://127.0.0.1:{port}", database_url=database_url, **settings)  # type: ignore[arg-type]
+    bridge = build_bridge(config)
+    bridge.start()
+    try:
+        if not bridge.ready.wait(15):
+            raise TimeoutError("the bridge did not come online")
+        yield bridge
+    finally:
+        bridge.stop()
