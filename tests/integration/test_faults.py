@@ -1,0 +1,128 @@
+"""Clients that die, freeze or flood; a bridge that is away."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from chatclient import ChatClient
+from conftest import EmbeddedBroker, Mosquitto, running_bridge
+
+CLIENT = Path(__file__).resolve().parent.parent / "client_process.py"
+
+
+@contextmanager
+def client_process(user: str, port: int, keepalive: int) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc = subprocess.Popen([sys.executable, str(CLIENT), user, "127.0.0.1", str(port), str(keepalive)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until the client is connected to the chat (or died)
+        assert line.startswith("READY "), f"client process failed: {line!r}"
+        yield proc, line.split()[1]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait(10)
+
+
+def observer(port: int) -> ChatClient:
+    bob = ChatClient("bob", "127.0.0.1", port).start()
+    bob.connect_chat()
+    return bob
+
+
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
+def test_sigkilled_client_is_reported_disconnected(broker: str, request: pytest.FixtureRequest,
+                                                  tmp_path: Path) -> None:
+    port = request.getfixturevalue("mosquitto" if broker == "mosquitto" else "embedded_broker").port
+    with running_bridge(port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
+        bob = observer(port)
+        with client_process("carol", port, keepalive=30) as (proc, _session):
+            bob.wait_for(lambda e: e["type"] == "user-connected" and e["data"]["user"]["user_id"] == "carol")
+            proc.kill()  # SIGKILL: the socket closes, the broker publishes carol's will
+            gone = bob.next_of("user-disconnected", timeout=10)
+            assert gone["data"] == {"user_id": "carol"}
+            users = bob.request("get-active-users")["data"]["users"]
+            assert [u["user_id"] for u in users] == ["bob"]
+        bob.stop()
+
+
+def test_sigstopped_client_will_fires_on_embedded_broker(embedded_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """amqtt alone never fires this will (upstream #308); our watchdog must, within 1.5 x keepalive + ~1 s."""
+    keepalive = 2
+    with running_bridge(embedded_broker.port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
+        bob = observer(embedded_broker.port)
+        with client_process("dave", embedded_broker.port, keepalive=keepalive) as (proc, _session):
+            bob.wait_for(lambda e: e["type"] == "user-connected" and e["data"]["user"]["user_id"] == "dave")
+            os.kill(proc.pid, signal.SIGSTOP)  # frozen: the socket stays open, nothing is sent
+            stopped = time.monotonic()
+            gone = bob.next_of("user-disconnected", timeout=keepalive * 1.5 + 5)
+            elapsed = time.monotonic() - stopped
+            assert gone["data"] == {"user_id": "dave"}
+            # Not before the keepalive allows (the client may have just pinged), not much after 1.5x.
+            assert keepalive * 0.5 <= elapsed <= keepalive * 1.5 + 1.5, elapsed
+        bob.stop()
+
+
+def test_live_client_with_short_keepalive_is_not_dropped(embedded_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """The watchdog must not cut a client that pings on time."""
+    with running_bridge(embedded_broker.port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
+        erin = ChatClient("erin", "127.0.0.1", embedded_broker.port, keepalive=1).start()
+        erin.connect_chat()
+        erin.next_of("user-connected")
+        # Over 4 keepalive periods the client stays connected and its commands are answered.
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            assert erin.request("get-active-users", timeout=5)["type"] == "active-users"
+            with pytest.raises(TimeoutError):
+                erin.next_of("user-disconnected", timeout=0.5)
+        assert erin.client.is_connected()
+        erin.stop()
+
+
+def test_burst_arrives_in_order_without_gaps(mosquitto: Mosquitto, database_url: str) -> None:
+    n = 500
+    with running_bridge(mosquitto.port, database_url):
+        alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
+        bob = observer(mosquitto.port)
+        alice.connect_chat()
+        cid = alice.request("create-conversation", kind="direct", participants=["bob"])["data"]["conversation"][
+            "conversation_id"]
+        for i in range(n):
+            alice.client.publish(alice.topic("send-message"),
+                                 f'{{"conversation_id":"{cid}","body":"msg {i}","client_msg_id":"b{i}"}}', qos=1)
+        got = [bob.wait_for(lambda e: e["type"] == "message-added", timeout=30)["data"]["message"] for _ in range(n)]
+        assert [m["seq"] for m in got] == list(range(1, n + 1))
+        assert [m["body"] for m in got] == [f"msg {i}" for i in range(n)]  # one publisher: its order is kept
+        page = bob.request("get-messages", conversation_id=cid, since_seq=0, limit=500)["data"]
+        assert [m["seq"] for m in page["messages"]] == list(range(1, n + 1)) and not page["has_more"]
+        alice.stop()
+        bob.stop()
+
+
+def test_commands_sent_while_the_bridge_is_down_are_applied_on_return(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    with running_bridge(mosquitto.port, db):  # first start creates the bridge's persistent session
+        alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
+        alice.connect_chat()
+        bob = observer(mosquitto.port)
+        cid = alice.request("create-conversation", kind="direct", participants=["bob"])["data"]["conversation"][
+            "conversation_id"]
+    # The bridge is down: the broker keeps these for its persistent session.
+    for i in range(20):
+        alice.send("send-message", conversation_id=cid, body=f"while away {i}", client_msg_id=f"w{i}")
+    with running_bridge(mosquitto.port, db):
+        got = [bob.wait_for(lambda e: e["type"] == "message-added", timeout=15)["data"]["message"] for _ in range(20)]
+        assert [m["body"] for m in got] == [f"while away {i}" for i in range(20)]
+        assert [m["seq"] for m in got] == list(range(1, 21))
+    alice.stop()
+    bob.stop()
