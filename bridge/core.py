@@ -118,7 +118,8 @@ def is_member(store: Store, conv: Conversation, user_id: str) -> bool:
 
 
 def ensure_user(ctx: Context, display_name: str | None = None) -> User:
-    """The sender, registered on its first command (identity comes from the topic)."""
+    """The sender, registered by its first command of any kind (identity comes from the topic,
+    which the broker guards)."""
     user = ctx.store.get_user(ctx.sender)
     if user is None:
         user = User(ctx.sender, display_name, ctx.now_ms)
@@ -200,7 +201,6 @@ def expire_sessions(ctx: Context) -> int:
 
 def create_conversation(cmd: p.CreateConversation, ctx: Context) -> None:
     store = ctx.store
-    ensure_user(ctx)
     if cmd.kind == "direct":
         if len(set(cmd.participants)) != 1:
             raise BadRequest("a direct conversation takes exactly one other participant")
@@ -286,7 +286,6 @@ def remove_conversation(cmd: p.RemoveConversation, ctx: Context) -> None:
 
 def post(ctx: Context, conv: Conversation, body: str, client_msg_id: str | None) -> None:
     store = ctx.store
-    ensure_user(ctx)
     if client_msg_id is not None:
         original = store.find_by_client_msg_id(conv.conversation_id, ctx.sender, client_msg_id)
         if original is not None:

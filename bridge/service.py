@@ -142,6 +142,8 @@ class Service:
             ctx = self._context(store, sender, cmd.request_id)
             try:
                 with store.atomic():
+                    if not isinstance(cmd, p.Connect):  # connect registers with its display name
+                        core.ensure_user(ctx)
                     handler(cmd, ctx)
                 return ctx.out
             except Conflict:

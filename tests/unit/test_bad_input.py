@@ -1,0 +1,98 @@
+"""Every bad input gets its error code, echoes the request_id when readable, and changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from world import World
+
+from bridge.memory import MemoryUnitOfWork
+
+
+def snapshot(w: World) -> object:
+    assert isinstance(w.uow, MemoryUnitOfWork)
+    return copy.deepcopy(w.uow.store._s)
+
+
+@pytest.fixture
+def w() -> World:
+    world = World()
+    world.do("alice", "connect", session_id="a1")
+    world.do("bob", "connect", session_id="b1")
+    world.do("alice", "create-conversation", kind="direct", participants=["bob"])
+    return world
+
+
+CASES = [
+    ("send-message", b"not json", "bad-request"),
+    ("send-message", b"[1, 2]", "bad-request"),
+    ("send-message", b'"a string"', "bad-request"),
+    ("send-message", b"", "bad-request"),
+    ("send-message", b'{"conversation_id": "global"}', "bad-request"),
+    ("send-message", b'{"conversation_id": "global", "body": ""}', "bad-request"),
+    ("send-message", b'{"conversation_id": "global", "body": 5}', "bad-request"),
+    ("send-message", b'{"conversation_id": "global", "body": "' + b"x" * 8001 + b'"}', "bad-request"),
+    ("send-message", b'{"conversation_id": "global", "body": "x", "client_msg_id": ""}', "bad-request"),
+    ("send-message", b'{"conversation_id": "a/b", "body": "x"}', "bad-request"),
+    ("send-message", b'{"conversation_id": "global", "body": "x", "request_id": 7}', "bad-request"),
+    ("send-message", b'{"conversation_id": "nope", "body": "x"}', "not-found"),
+    ("connect", b"{}", "bad-request"),
+    ("connect", b'{"session_id": ""}', "bad-request"),
+    ("connect", b'{"session_id": "' + b"s" * 65 + b'"}', "bad-request"),
+    ("connect", b'{"session_id": "s", "display_name": 3}', "bad-request"),
+    ("create-conversation", b'{"kind": "party", "participants": ["bob"]}', "bad-request"),
+    ("create-conversation", b'{"kind": "direct", "participants": "bob"}', "bad-request"),
+    ("create-conversation", b'{"kind": "direct", "participants": ["alice"]}', "bad-request"),
+    ("create-conversation", b'{"kind": "direct", "participants": ["nobody"]}', "not-found"),
+    ("get-messages", b'{"conversation_id": "global"}', "bad-request"),
+    ("get-messages", b'{"conversation_id": "global", "since_seq": 1.5}', "bad-request"),
+    ("get-messages", b'{"conversation_id": "global", "since_seq": true}', "bad-request"),
+    ("disconnect", b'{"reason": "client"}', "bad-request"),
+    ("disconnect", b'{"session_id": "a1", "reason": "bored"}', "bad-request"),
+    ("frobnicate", b"{}", "unknown-command"),
+    ("send-message", b'{"conversation_id": "global", "body": "' + b"x" * 70000 + b'"}', "payload-too-large"),
+]
+
+
+@pytest.mark.parametrize(("command", "payload", "code"), CASES)
+def test_bad_input_is_answered_and_changes_nothing(w: World, command: str, payload: bytes, code: str) -> None:
+    before = snapshot(w)
+    out = w.raw("alice", command, payload)
+    assert [e["type"] for e in out.inbox("alice")] == ["error"]
+    assert len(out.deliveries) == 1
+    error = out.inbox("alice")[0]["data"]
+    assert error["code"] == code and error["message"]
+    assert error["command"] == (command if command != "frobnicate" else None)
+    assert snapshot(w) == before
+
+
+def test_request_id_is_echoed_on_errors_when_readable(w: World) -> None:
+    out = w.raw("alice", "send-message", b'{"request_id": "q-1", "conversation_id": "global"}')
+    assert out.answer["request_id"] == "q-1" and out.error == "bad-request"
+    out = w.raw("alice", "nope", b'{"request_id": "q-2"}')
+    assert out.answer["request_id"] == "q-2" and out.error == "unknown-command"
+
+
+def test_unknown_fields_are_ignored(w: World) -> None:
+    out = w.raw("alice", "send-message", b'{"conversation_id": "global", "body": "x", "colour": "red"}')
+    assert out.inbox("alice")[0]["type"] == "message-added"
+
+
+def test_a_handler_crash_is_answered_internal_and_rolled_back(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge import core
+
+    def explode(*_: object) -> None:
+        raise RuntimeError("boom")
+
+    real_post = core.post
+
+    def half_then_crash(ctx: core.Context, *args: object) -> None:
+        real_post(ctx, *args)  # type: ignore[arg-type]
+        explode()
+
+    monkeypatch.setattr(core, "post", half_then_crash)
+    before = snapshot(w)
+    out = w.do("alice", "send-message", conversation_id="global", body="x")
+    assert out.error == "internal"
+    assert snapshot(w) == before

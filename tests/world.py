@@ -1,0 +1,74 @@
+"""A deterministic world for driving the service: a fake clock, predictable ids, any UnitOfWork."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import orjson
+
+from bridge.core import Delivery
+from bridge.memory import MemoryUnitOfWork
+from bridge.model import UnitOfWork
+from bridge.service import Inbound, Service
+
+
+class World:
+    def __init__(self, uow: UnitOfWork | None = None, epoch: str = "e1") -> None:
+        self.now = 1_700_000_000_000
+        self._ids = itertools.count(1)
+        self.uow = uow or MemoryUnitOfWork()
+        self.service = Service(self.uow, epoch=epoch, clock=self.clock, ids=lambda prefix: f"{prefix}_{next(self._ids)}")
+
+    def clock(self) -> int:
+        self.now += 1
+        return self.now
+
+    def raw(self, user: str, command: str, payload: bytes) -> Out:
+        return Out(self.service.handle(Inbound(user, command, payload)))
+
+    def do(self, user: str, command: str, **fields: Any) -> Out:
+        fields.setdefault("request_id", "r")
+        return self.raw(user, command, orjson.dumps(fields))
+
+    def restart(self, epoch: str) -> None:
+        self.service = Service(self.uow, epoch=epoch, clock=self.clock, ids=self.service.ids)
+
+
+class Out:
+    """What one command produced, readable per destination."""
+
+    def __init__(self, deliveries: list[Delivery]) -> None:
+        self.deliveries = deliveries
+
+    def inbox(self, user: str) -> list[dict[str, Any]]:
+        return [d.payload.model_dump(mode="json") for d in self.deliveries if d.kind == "inbox" and d.key == user]
+
+    def types(self, user: str) -> list[str]:
+        return [e["type"] for e in self.inbox(user)]
+
+    def recipients(self, event_type: str) -> list[str]:
+        return sorted(d.key for d in self.deliveries
+                      if d.kind == "inbox" and d.payload.model_dump()["type"] == event_type)
+
+    def conversation_topic(self, cid: str) -> list[str]:
+        return [d.payload.model_dump()["type"] for d in self.deliveries if d.kind == "conversation" and d.key == cid]
+
+    def presence(self) -> list[tuple[str, str]]:
+        return [(d.key, d.payload.model_dump()["status"]) for d in self.deliveries if d.kind == "presence"]
+
+    @property
+    def answer(self) -> dict[str, Any]:
+        answers = [d.payload.model_dump(mode="json") for d in self.deliveries
+                   if d.kind == "inbox" and d.payload.model_dump()["request_id"] is not None]
+        assert len(answers) == 1, answers
+        return answers[0]
+
+    @property
+    def data(self) -> Any:
+        return self.answer["data"]
+
+    @property
+    def error(self) -> str:
+        assert self.answer["type"] == "error", self.answer
+        return str(self.answer["data"]["code"])
