@@ -1,0 +1,124 @@
+"""`chat-bridge serve` as a user runs it: a subprocess, real clients, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from chatclient import ChatClient
+from conftest import Mosquitto, free_port
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bridge", "serve", *args]
+
+
+def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> None:
+    """Reads the bridge's log until `text` appears; the rest is drained in the background."""
+    found = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if text in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout) and proc.poll() is None, f"the bridge never logged {text!r}"
+
+
+@contextmanager
+def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(serve_cmd(*args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_busy_port_fails_fast_and_says_what_to_do(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(serve_cmd("--listen", f"127.0.0.1:{port}"), cwd=tmp_path, capture_output=True,
+                                text=True, timeout=30)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    assert "already in use" in result.stderr
+    assert "--listen" in result.stderr and "--broker-url" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert elapsed < 15
+    assert not (tmp_path / "chat-bridge.sqlite3").exists()  # failed before touching anything
+
+
+def test_bad_options_are_reported_without_a_traceback(tmp_path: Path) -> None:
+    for args in (["--listen", "nonsense"], ["--broker-url", "http://x"], ["--topic-prefix", "a/#"]):
+        result = subprocess.run(serve_cmd(*args), cwd=tmp_path, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2, args
+        assert "chat-bridge:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_serve_with_embedded_broker_and_sqlite_in_the_working_directory(tmp_path: Path) -> None:
+    port = free_port()
+    with serving(tmp_path, env={"CHAT_BRIDGE_LISTEN": f"127.0.0.1:{port}"}) as proc:
+        wait_for_line(proc, "bridge online")
+        alice = ChatClient("alice", "127.0.0.1", port).start()
+        alice.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "online", timeout=20)
+        assert alice.connect_chat()["type"] == "connected"
+        sent = alice.request("send-message", conversation_id="global", body="first")
+        assert sent["data"]["message"]["seq"] == 1
+        alice.stop()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert (tmp_path / "chat-bridge.sqlite3").exists()
+
+    # The data survives a restart.
+    with serving(tmp_path, "--listen", f"127.0.0.1:{port}") as proc:
+        wait_for_line(proc, "bridge online")
+        bob = ChatClient("bob", "127.0.0.1", port).start()
+        bob.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "online", timeout=20)
+        history = bob.request("get-messages", conversation_id="global", since_seq=0)["data"]["messages"]
+        assert [m["body"] for m in history] == ["first"]
+        bob.stop()
+
+
+def test_serve_against_mosquitto_announces_epochs_and_goes_offline_on_sigterm(mosquitto: Mosquitto,
+                                                                               tmp_path: Path) -> None:
+    watcher = ChatClient("watcher", "127.0.0.1", mosquitto.port).start()
+    epochs = []
+    for _ in range(2):
+        with serving(tmp_path, "--broker-url", f"mqtt://127.0.0.1:{mosquitto.port}",
+                     "--database-url", f"sqlite:///{tmp_path / 'db.sqlite3'}") as proc:
+            status = watcher.wait_retained("chat/v1/bridge/status",
+                                           lambda s: s["status"] == "online" and s["epoch"] not in epochs,
+                                           timeout=20)
+            epochs.append(status["epoch"])
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+            watcher.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "offline", timeout=10)
+    assert len(set(epochs)) == 2
+    watcher.stop()
+
+
+def test_bridge_killed_leaves_its_will_offline(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    watcher = ChatClient("watcher", "127.0.0.1", mosquitto.port).start()
+    with serving(tmp_path, "--broker-url", f"mqtt://127.0.0.1:{mosquitto.port}",
+                 "--database-url", f"sqlite:///{tmp_path / 'db.sqlite3'}") as proc:
+        watcher.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "online", timeout=20)
+        proc.kill()
+        watcher.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "offline", timeout=10)
+    watcher.stop()
