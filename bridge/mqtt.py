@@ -13,7 +13,6 @@ import logging
 import queue
 import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +61,10 @@ class Topics:
         if delivery.kind == "conversation":
             return self.conversation(delivery.key)
         return self.presence(delivery.key)
+
+
+class _Abandoned(Exception):
+    """The bridge stops while storage is down; what is in hand stays unacknowledged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +189,10 @@ class MqttBridge:
             if item is None:
                 return
             if callable(item):
-                self._publish(self._retrying(item))
+                try:
+                    self._publish(self._retrying(item))
+                except _Abandoned:
+                    return
                 continue
             batch = [item]
             while len(batch) < self.batch_max:
@@ -199,8 +205,12 @@ class MqttBridge:
                     break
                 batch.append(nxt)
             inbound = [r.inbound for r in batch]
-            deliveries = self._retrying(lambda: self.service.handle_batch(inbound),
-                                        lambda: self.service.internal_errors(inbound))
+            try:
+                deliveries = self._retrying(lambda: self.service.handle_batch(inbound),
+                                            lambda: self.service.internal_errors(inbound))
+            except _Abandoned:
+                log.warning("stopped with %d command(s) uncommitted; the broker will redeliver them", len(batch))
+                return
             self._publish(deliveries)
             for r in batch:
                 if r.qos:
@@ -226,7 +236,8 @@ class MqttBridge:
                     log.exception("a batch failed to commit (attempt %d)", failures)
                     if failures >= 3:
                         return fallback()
-                time.sleep(delay)
+                if self._stopping.wait(delay):
+                    raise _Abandoned  # stopping mid-outage: leave the commands unacknowledged
                 delay = min(delay * 2, 10.0)
 
     def _publish(self, deliveries: list[Delivery]) -> None:

@@ -126,3 +126,54 @@ def test_commands_sent_while_the_bridge_is_down_are_applied_on_return(mosquitto:
         assert [m["seq"] for m in got] == list(range(1, 21))
     alice.stop()
     bob.stop()
+
+
+class FlakyUnitOfWork:
+    """A SQL unit of work whose database can be 'down': every transaction then fails as an outage would."""
+
+    def __init__(self, inner: object) -> None:
+        import threading
+
+        self.inner = inner
+        self.down = threading.Event()
+        self.failed_attempts = threading.Semaphore(0)
+
+    def transaction(self):  # type: ignore[no-untyped-def]
+        from sqlalchemy.exc import OperationalError
+
+        if self.down.is_set():
+            self.failed_attempts.release()
+            raise OperationalError("BEGIN", None, ConnectionError("database is down"))
+        return self.inner.transaction()  # type: ignore[attr-defined]
+
+
+def test_commands_are_acknowledged_only_after_commit(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A command the bridge could not commit stays unacknowledged, so the broker hands it to the next bridge.
+
+    (A client's own PUBACK comes from the broker; the bridge's manual ack is what decides redelivery.)
+    """
+    from bridge.config import BrokerAddress
+    from bridge.mqtt import MqttBridge, Topics
+    from bridge.service import Service
+    from bridge.sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
+
+    db = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    engine = make_engine(db)
+    init_db(engine, 0)
+    uow = FlakyUnitOfWork(SqlUnitOfWork(engine))
+    first = MqttBridge(Service(uow, epoch="e1", transient=TRANSIENT_ERRORS),  # type: ignore[arg-type]
+                       BrokerAddress("127.0.0.1", mosquitto.port), Topics("chat/v1"), is_transient=is_transient)
+    first.start()
+    assert first.ready.wait(15)
+    alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
+    alice.connect_chat()
+    uow.down.set()
+    alice.send("send-message", conversation_id="global", body="kept", request_id="k1")
+    assert uow.failed_attempts.acquire(timeout=15)  # the bridge has it and cannot commit it
+    first.stop()  # gives up without acknowledging
+    with running_bridge(mosquitto.port, db):
+        answer = alice.answer("k1", timeout=15)
+        assert answer["type"] == "message-added" and answer["data"]["message"]["body"] == "kept"
+        history = alice.request("get-messages", conversation_id="global", since_seq=0)["data"]["messages"]
+        assert [m["body"] for m in history] == ["kept"]
+    alice.stop()

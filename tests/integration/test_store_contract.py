@@ -96,3 +96,13 @@ def test_concurrent_direct_creation_yields_one_conversation(database_url: str) -
     assert len(results) == 2 and results[0] == results[1]
     for e in engines:
         e.dispose()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: object) -> None:
+    from sqlalchemy import text
+
+    engine = make_engine(f"sqlite:///{tmp_path}/wal.sqlite3")
+    init_db(engine, 0)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    engine.dispose()
