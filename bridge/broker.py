@@ -31,7 +31,7 @@ class ListenError(Exception):
     """The embedded broker cannot listen where it was asked to."""
 
 
-class KeepaliveWatchdog(BasePlugin[Any]):
+class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
     """Disconnects clients silent for more than 1.5 x their keepalive, so their will fires."""
 
     @dataclass
@@ -64,8 +64,12 @@ class KeepaliveWatchdog(BasePlugin[Any]):
                     continue
                 since = max(self._last_packet.get(client_id, 0.0), self._first_seen.setdefault(handler, now))
                 if now - since > self.config.factor * session.keep_alive:
-                    log.info("client %s silent for %.1fs (keepalive %ss): closing it, its will fires",
-                             client_id, now - since, session.keep_alive)
+                    log.info(
+                        "client %s silent for %.1fs (keepalive %ss): closing it, its will fires",
+                        client_id,
+                        now - since,
+                        session.keep_alive,
+                    )
                     self._first_seen.pop(handler, None)
                     self._last_packet.pop(client_id, None)
                     await handler.handle_connection_closed()
@@ -83,7 +87,9 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
     We only send a client the retained messages of its own subscriptions.
     """
 
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
         topic_filter = subscription[0]
         if not any(s.client_id == session.client_id for s, _ in self._subscriptions.get(topic_filter, ())):
             return
@@ -99,8 +105,8 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ListenError(
-                    f"{host}:{port} is already in use (another MQTT broker, such as a local Mosquitto, may be "
-                    f"running there). Either let the embedded broker listen elsewhere, e.g. "
+                    f"{host}:{port} is already in use (another MQTT broker, such as a local Mosquitto, "
+                    f"may be running there). Either let the embedded broker listen elsewhere, e.g. "
                     f"`chat-bridge serve --listen 127.0.0.1:1884`, or use the running broker with "
                     f"`chat-bridge serve --broker-url mqtt://{host}:{port}`."
                 ) from None

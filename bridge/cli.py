@@ -12,8 +12,15 @@ import threading
 from collections.abc import Sequence
 
 from .broker import ListenError, start_broker
-from .config import DEFAULT_DATABASE_URL, DEFAULT_LISTEN, DEFAULT_PREFIX, ConfigError, Settings, check_prefix
-from .config import parse_listen
+from .config import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_LISTEN,
+    DEFAULT_PREFIX,
+    ConfigError,
+    Settings,
+    check_prefix,
+    parse_listen,
+)
 from .mqtt import MqttBridge, Topics
 from .service import Service, new_id, wall_clock_ms
 from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
@@ -22,14 +29,26 @@ log = logging.getLogger("chat-bridge")
 
 OPTIONS = (
     # flag, environment variable, default, help
-    ("--broker-url", "CHAT_BRIDGE_BROKER_URL", None,
-     "an external broker, mqtt://[user:password@]host:port; no embedded broker is started"),
+    (
+        "--broker-url",
+        "CHAT_BRIDGE_BROKER_URL",
+        None,
+        "an external broker, mqtt://[user:password@]host:port; no embedded broker is started",
+    ),
     ("--listen", "CHAT_BRIDGE_LISTEN", DEFAULT_LISTEN, "where the embedded broker listens, host:port"),
-    ("--database-url", "CHAT_BRIDGE_DATABASE_URL", DEFAULT_DATABASE_URL,
-     "a SQLAlchemy URL: sqlite:///path or postgresql+psycopg://..."),
+    (
+        "--database-url",
+        "CHAT_BRIDGE_DATABASE_URL",
+        DEFAULT_DATABASE_URL,
+        "a SQLAlchemy URL: sqlite:///path or postgresql+psycopg://...",
+    ),
     ("--topic-prefix", "CHAT_BRIDGE_TOPIC_PREFIX", DEFAULT_PREFIX, "the topic prefix"),
-    ("--session-grace", "CHAT_BRIDGE_SESSION_GRACE", "30",
-     "seconds after a start within which clients must re-announce their sessions"),
+    (
+        "--session-grace",
+        "CHAT_BRIDGE_SESSION_GRACE",
+        "30",
+        "seconds after a start within which clients must re-announce their sessions",
+    ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 
@@ -37,7 +56,9 @@ OPTIONS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-bridge", description="A chat backend for MQTT clients.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the bridge (with an embedded broker unless --broker-url is given)")
+    serve = sub.add_parser(
+        "serve", help="run the bridge (with an embedded broker unless --broker-url is given)"
+    )
     for flag, env, default, text in OPTIONS:
         serve.add_argument(flag, default=os.environ.get(env, default), help=f"{text} [env {env}]")
     return parser
@@ -62,8 +83,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     try:

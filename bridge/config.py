@@ -31,8 +31,12 @@ class BrokerAddress:
             port = parts.port or 1883
         except ValueError:
             raise ConfigError(f"bad port in broker URL {url!r}") from None
-        return cls(parts.hostname, port, unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password else None)
+        return cls(
+            parts.hostname,
+            port,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
 
     def __str__(self) -> str:
         return f"mqtt://{self.username + '@' if self.username else ''}{self.host}:{self.port}"

@@ -42,14 +42,16 @@ class Context:
     def ts(self) -> str:
         return p.iso_ms(self.now_ms)
 
+    # Events are assembled from already-validated parts, so they skip validation (model_construct).
     def answer(self, event_type: type[p.Event], data: Any) -> None:
-        self.out.append(Delivery("inbox", self.sender, event_type(ts=self.ts, request_id=self.request_id, data=data)))
+        event = event_type.model_construct(ts=self.ts, request_id=self.request_id, data=data)
+        self.out.append(Delivery("inbox", self.sender, event))
 
     def notify(
         self, event_type: type[p.Event], data: Any, users: Iterable[str], conversation_id: str | None = None
     ) -> None:
         """One broadcast copy (request_id null) to each user, and to the conversation's topic."""
-        event = event_type(ts=self.ts, request_id=None, data=data)
+        event = event_type.model_construct(ts=self.ts, request_id=None, data=data)
         self.out.extend(Delivery("inbox", u, event) for u in users)
         if conversation_id is not None:
             self.out.append(Delivery("conversation", conversation_id, event))
@@ -159,7 +161,11 @@ def connect(cmd: p.Connect, ctx: Context) -> None:
     active_ids = store.active_user_ids()
     active = set(active_ids)
     me = user_out(user, active)
-    conversations = [conversation_out(store, c) for c in [store.get_conversation(GLOBAL_ID), *store.conversations_of(user.user_id)] if c]
+    conversations = [
+        conversation_out(store, c)
+        for c in [store.get_conversation(GLOBAL_ID), *store.conversations_of(user.user_id)]
+        if c
+    ]
     ctx.answer(
         p.Connected,
         p.ConnectedData(
@@ -178,7 +184,9 @@ def end_session(ctx: Context, session: ChatSession) -> None:
     store = ctx.store
     store.save_session(replace(session, ended_ms=ctx.now_ms))
     if not store.has_active_session(session.user_id):
-        ctx.notify(p.UserDisconnected, p.UserDisconnectedData(user_id=session.user_id), store.active_user_ids())
+        ctx.notify(
+            p.UserDisconnected, p.UserDisconnectedData(user_id=session.user_id), store.active_user_ids()
+        )
         presence(ctx, session.user_id, "offline")
 
 
@@ -211,7 +219,9 @@ def create_conversation(cmd: p.CreateConversation, ctx: Context) -> None:
         key = direct_key(ctx.sender, other)
         existing = store.find_direct(key)
         if existing is not None:
-            ctx.answer(p.ConversationCreated, p.ConversationData(conversation=conversation_out(store, existing)))
+            ctx.answer(
+                p.ConversationCreated, p.ConversationData(conversation=conversation_out(store, existing))
+            )
             return
         conv = Conversation(ctx.new_id("c"), "direct", cmd.title, None, None, None, ctx.now_ms)
         store.add_conversation(conv, [ctx.sender, other], direct_key=key)  # Conflict: a racing twin won
@@ -253,8 +263,12 @@ def remove(ctx: Context, conv: Conversation) -> None:
     everyone = members(store, conv)
     for thread in store.threads_of(conv.conversation_id):
         store.delete_conversation(thread.conversation_id)
-        ctx.notify(p.ConversationRemoved, p.ConversationIdData(conversation_id=thread.conversation_id), [],
-                   thread.conversation_id)
+        ctx.notify(
+            p.ConversationRemoved,
+            p.ConversationIdData(conversation_id=thread.conversation_id),
+            [],
+            thread.conversation_id,
+        )
     store.delete_conversation(conv.conversation_id)
     data = p.ConversationIdData(conversation_id=conv.conversation_id)
     ctx.answer(p.ConversationRemoved, data)
@@ -336,36 +350,54 @@ def get_messages(cmd: p.GetMessages, ctx: Context) -> None:
         assert cmd.since is not None
         rows = ctx.store.messages_after_ms(conv.conversation_id, p.ms_of(cmd.since), cmd.limit + 1)
     page, has_more = paged(rows, cmd.limit)
-    ctx.answer(p.Messages, p.MessagesData(conversation_id=conv.conversation_id,
-                                          messages=[message_out(m) for m in page], has_more=has_more))
+    ctx.answer(
+        p.Messages,
+        p.MessagesData(
+            conversation_id=conv.conversation_id, messages=[message_out(m) for m in page], has_more=has_more
+        ),
+    )
 
 
 def get_prior_messages(cmd: p.GetPriorMessages, ctx: Context) -> None:
     conv = visible_conversation(ctx, cmd.conversation_id)
     rows = ctx.store.messages_before_seq(conv.conversation_id, cmd.before_seq, cmd.limit + 1)
     page, has_more = paged(rows, cmd.limit)
-    ctx.answer(p.Messages, p.MessagesData(conversation_id=conv.conversation_id,
-                                          messages=[message_out(m) for m in reversed(page)], has_more=has_more))
+    ctx.answer(
+        p.Messages,
+        p.MessagesData(
+            conversation_id=conv.conversation_id,
+            messages=[message_out(m) for m in reversed(page)],
+            has_more=has_more,
+        ),
+    )
 
 
 def get_conversations(cmd: p.GetConversations, ctx: Context) -> None:
     store = ctx.store
     convs = [c for c in [store.get_conversation(GLOBAL_ID), *store.conversations_of(ctx.sender)] if c]
-    ctx.answer(p.Conversations, p.ConversationsData(conversations=[conversation_out(store, c) for c in convs]))
+    ctx.answer(
+        p.Conversations, p.ConversationsData(conversations=[conversation_out(store, c) for c in convs])
+    )
 
 
 def get_participants(cmd: p.GetParticipants, ctx: Context) -> None:
     conv = visible_conversation(ctx, cmd.conversation_id)
     active = set(ctx.store.active_user_ids())
     users = ctx.store.get_users(members(ctx.store, conv))
-    ctx.answer(p.Participants, p.ParticipantsData(conversation_id=conv.conversation_id,
-                                                  participants=[user_out(u, active) for u in users]))
+    ctx.answer(
+        p.Participants,
+        p.ParticipantsData(
+            conversation_id=conv.conversation_id, participants=[user_out(u, active) for u in users]
+        ),
+    )
 
 
 def get_active_users(cmd: p.GetActiveUsers, ctx: Context) -> None:
     ids = ctx.store.active_user_ids()
     active = set(ids)
-    ctx.answer(p.ActiveUsers, p.ActiveUsersData(users=[user_out(u, active) for u in ctx.store.get_users(ids)]))
+    ctx.answer(
+        p.ActiveUsers, p.ActiveUsersData(users=[user_out(u, active) for u in ctx.store.get_users(ids)])
+    )
 
 
 HANDLERS: dict[type[p.Command], Handler] = {

@@ -15,9 +15,21 @@ exceptions (SQLAlchemy, paho) are translated at the boundary, never leaked.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
+ErrorCode = Literal[
+    "bad-request",
+    "unknown-command",
+    "not-found",
+    "forbidden",
+    "payload-too-large",
+    "rate-limited",
+    "internal",
+]
+
 
 class ChatError(Exception):
-    code = "internal"
+    code: ClassVar[ErrorCode] = "internal"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -54,9 +66,3 @@ class RateLimited(ChatError):
 
 class InternalError(ChatError):
     code = "internal"
-
-
-ERROR_CODES: tuple[str, ...] = tuple(
-    cls.code
-    for cls in (BadRequest, UnknownCommand, NotFound, Forbidden, PayloadTooLarge, RateLimited, InternalError)
-)

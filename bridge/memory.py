@@ -26,7 +26,9 @@ class _State:
 class MemoryStore:
     def __init__(self, created_ms: int = 0) -> None:
         self._s = _State()
-        self._s.conversations[GLOBAL_ID] = Conversation(GLOBAL_ID, "global", None, None, None, None, created_ms)
+        self._s.conversations[GLOBAL_ID] = Conversation(
+            GLOBAL_ID, "global", None, None, None, None, created_ms
+        )
         self._s.messages[GLOBAL_ID] = []
 
     @contextmanager
@@ -154,7 +156,9 @@ class MemoryStore:
     def get_message(self, message_id: str) -> Message | None:
         return self._s.message_index.get(message_id)
 
-    def find_by_client_msg_id(self, conversation_id: str, sender_id: str, client_msg_id: str) -> Message | None:
+    def find_by_client_msg_id(
+        self, conversation_id: str, sender_id: str, client_msg_id: str
+    ) -> Message | None:
         return self._s.client_ids.get((conversation_id, sender_id, client_msg_id))
 
     def messages_after_seq(self, conversation_id: str, after_seq: int, limit: int) -> list[Message]:

@@ -15,10 +15,13 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from . import protocol as p
 from .config import BrokerAddress
@@ -135,8 +138,9 @@ class MqttBridge:
         self._queue.put(None)
         self._worker.join(timeout=30)
         if self.client.is_connected():
-            status = orjson.dumps({"status": "offline", "epoch": self.service.epoch,
-                                   "since": p.iso_ms(self.service.clock())})
+            status = orjson.dumps(
+                {"status": "offline", "epoch": self.service.epoch, "since": p.iso_ms(self.service.clock())}
+            )
             info = self.client.publish(self.topics.status, status, qos=1, retain=True)
             info.wait_for_publish(timeout=5)
             self.client.disconnect()
@@ -144,16 +148,23 @@ class MqttBridge:
 
     # --- paho callbacks (network thread: no database work here) --------------
 
-    def _on_connect(self, client: paho.Client, _userdata: object, _flags: object, reason: object,
-                    _props: object) -> None:
+    def _on_connect(
+        self, client: paho.Client, _userdata: object, _flags: object, reason: object, _props: object
+    ) -> None:
         if getattr(reason, "is_failure", False):
             log.error("broker %s refused the connection: %s", self.broker, reason)
             return
         log.info("connected to %s", self.broker)
         client.subscribe(self.topics.commands, qos=1)
 
-    def _on_subscribe(self, client: paho.Client, _userdata: object, _mid: int, reason_codes: list[object],
-                      _props: object) -> None:
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        _userdata: object,
+        _mid: int,
+        reason_codes: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
         if any(getattr(rc, "is_failure", False) for rc in reason_codes):
             log.error("the broker refused our subscription to %s: check its ACL", self.topics.commands)
             return
@@ -161,14 +172,16 @@ class MqttBridge:
         client.publish(self.topics.status, status.model_dump_json(), qos=1, retain=True)
         if not self.ready.is_set():
             self.ready.set()
-            self._grace_timer = threading.Timer(self.session_grace, self._queue.put,
-                                                args=(self.service.expire_sessions,))
+            self._grace_timer = threading.Timer(
+                self.session_grace, self._queue.put, args=(self.service.expire_sessions,)
+            )
             self._grace_timer.daemon = True
             self._grace_timer.start()
             log.info("bridge online (epoch %s)", self.service.epoch)
 
-    def _on_disconnect(self, _client: paho.Client, _userdata: object, _flags: object, reason: object,
-                       _props: object) -> None:
+    def _on_disconnect(
+        self, _client: paho.Client, _userdata: object, _flags: object, reason: object, _props: object
+    ) -> None:
         if not self._stopping.is_set():
             log.warning("lost the broker (%s); reconnecting", reason)
 
@@ -179,7 +192,7 @@ class MqttBridge:
             if msg.qos:
                 self.client.ack(msg.mid, msg.qos)
             return
-        self._queue.put(_Received(Inbound(parsed[0], parsed[1], msg.payload), msg.mid, msg.qos))
+        self._queue.put(_Received(Inbound(parsed[0], parsed[1], bytes(msg.payload)), msg.mid, msg.qos))
 
     # --- worker ----------------------------------------------------------------
 
@@ -206,10 +219,14 @@ class MqttBridge:
                 batch.append(nxt)
             inbound = [r.inbound for r in batch]
             try:
-                deliveries = self._retrying(lambda: self.service.handle_batch(inbound),
-                                            lambda: self.service.internal_errors(inbound))
+                deliveries = self._retrying(
+                    partial(self.service.handle_batch, inbound),
+                    partial(self.service.internal_errors, inbound),
+                )
             except _Abandoned:
-                log.warning("stopped with %d command(s) uncommitted; the broker will redeliver them", len(batch))
+                log.warning(
+                    "stopped with %d command(s) uncommitted; the broker will redeliver them", len(batch)
+                )
                 return
             self._publish(deliveries)
             for r in batch:
@@ -229,15 +246,18 @@ class MqttBridge:
                 return job()
             except Exception as exc:
                 if self.is_transient(exc):
-                    log.warning("storage unavailable (%s); retrying in %.1fs, commands stay unacknowledged",
-                                type(exc).__name__, delay)
+                    log.warning(
+                        "storage unavailable (%s); retrying in %.1fs, commands stay unacknowledged",
+                        type(exc).__name__,
+                        delay,
+                    )
                 else:
                     failures += 1
                     log.exception("a batch failed to commit (attempt %d)", failures)
                     if failures >= 3:
                         return fallback()
                 if self._stopping.wait(delay):
-                    raise _Abandoned  # stopping mid-outage: leave the commands unacknowledged
+                    raise _Abandoned from None  # stopping mid-outage: leave the commands unacknowledged
                 delay = min(delay * 2, 10.0)
 
     def _publish(self, deliveries: list[Delivery]) -> None:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from .errors import ErrorCode
+
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_SEQ = 2**62
 
@@ -24,7 +26,9 @@ Body = Annotated[str, StringConstraints(min_length=1, max_length=8000)]
 DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 Title = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
-Timestamp = Annotated[str, Field(description="ISO 8601 in UTC with milliseconds, e.g. 2026-11-24T10:00:00.123Z")]
+Timestamp = Annotated[
+    str, Field(description="ISO 8601 in UTC with milliseconds, e.g. 2026-11-24T10:00:00.123Z")
+]
 MAX_PARTICIPANTS_PER_COMMAND = 100
 
 
@@ -314,11 +318,6 @@ class ActiveUsersData(WireModel):
 class ActiveUsers(Event):
     type: Literal["active-users"] = "active-users"
     data: ActiveUsersData
-
-
-ErrorCode = Literal[
-    "bad-request", "unknown-command", "not-found", "forbidden", "payload-too-large", "rate-limited", "internal"
-]
 
 
 class ErrorData(WireModel):

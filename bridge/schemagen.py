@@ -24,8 +24,12 @@ BASE_ID = "https://chat-bridge.invalid/schemas/v1"
 def _schema(model: type[p.WireModel] | type[p.Command], path: str, description: str) -> dict[str, Any]:
     schema = model.model_json_schema()
     schema.pop("description", None)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"{BASE_ID}/{path}",
-            "description": description, **schema}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"{BASE_ID}/{path}",
+        "description": description,
+        **schema,
+    }
 
 
 def _doc(cls: type) -> str:
@@ -36,16 +40,24 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     files: dict[str, dict[str, Any]] = {}
     for name, cmd in p.COMMANDS.items():
         files[f"commands/{name}.json"] = _schema(
-            cmd, f"commands/{name}.json",
+            cmd,
+            f"commands/{name}.json",
             f"The `{name}` command, published to {{prefix}}/users/{{user}}/commands/{name}. "
-            f"Unknown fields are ignored. {_doc(cmd)}".strip())
+            f"Unknown fields are ignored. {_doc(cmd)}".strip(),
+        )
     for event in p.EVENTS:
         kind = event.model_fields["type"].default
-        files[f"events/{kind}.json"] = _schema(event, f"events/{kind}.json",
-                                               f"The `{kind}` event, as published to inboxes and conversation topics.")
+        files[f"events/{kind}.json"] = _schema(
+            event,
+            f"events/{kind}.json",
+            f"The `{kind}` event, as published to inboxes and conversation topics.",
+        )
     files["presence.json"] = _schema(p.Presence, "presence.json", "Retained on {prefix}/presence/{user}.")
-    files["bridge-status.json"] = _schema(p.BridgeStatus, "bridge-status.json",
-                                          "Retained on {prefix}/bridge/status; the bridge's will sets it offline.")
+    files["bridge-status.json"] = _schema(
+        p.BridgeStatus,
+        "bridge-status.json",
+        "Retained on {prefix}/bridge/status; the bridge's will sets it offline.",
+    )
     return files
 
 
@@ -56,20 +68,37 @@ def _ref(path: str) -> dict[str, str]:
 def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
     qos1 = {"mqtt": {"qos": 1, "retain": False, "bindingVersion": "0.2.0"}}
     retained = {"mqtt": {"qos": 1, "retain": True, "bindingVersion": "0.2.0"}}
-    user_param = {"description": "a user id: ^[A-Za-z0-9_-]{1,64}$; equals the MQTT username where the broker "
-                                 "authenticates"}
+    user_param = {
+        "description": "a user id: ^[A-Za-z0-9_-]{1,64}$; equals the MQTT username where the broker "
+        "authenticates"
+    }
     messages_commands = {
-        f"cmd-{name}": {"name": name, "title": f"{name} command", "contentType": "application/json",
-                        "payload": _ref(f"commands/{name}.json"), "bindings": qos1}
+        f"cmd-{name}": {
+            "name": name,
+            "title": f"{name} command",
+            "contentType": "application/json",
+            "payload": _ref(f"commands/{name}.json"),
+            "bindings": qos1,
+        }
         for name in p.COMMANDS
     }
     messages_events = {
-        f"evt-{path.split('/')[1][:-5]}": {"name": path.split("/")[1][:-5], "contentType": "application/json",
-                                            "payload": _ref(path), "bindings": qos1}
-        for path in schemas if path.startswith("events/")
+        f"evt-{path.split('/')[1][:-5]}": {
+            "name": path.split("/")[1][:-5],
+            "contentType": "application/json",
+            "payload": _ref(path),
+            "bindings": qos1,
+        }
+        for path in schemas
+        if path.startswith("events/")
     }
-    conversation_events = ("conversation-created", "participants-added", "participant-left",
-                           "conversation-removed", "message-added")
+    conversation_events = (
+        "conversation-created",
+        "participants-added",
+        "participant-left",
+        "conversation-removed",
+        "message-added",
+    )
 
     def msg_refs(prefix: str, names: Any) -> dict[str, Any]:
         return {n: {"$ref": f"#/components/messages/{prefix}-{n}"} for n in names}
@@ -81,9 +110,9 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "title": "chat-bridge wire protocol",
             "version": "1",
             "description": "Chat over MQTT. Clients publish JSON commands under their own user's topic; the "
-                           "bridge stores their effects and then publishes events. `{prefix}` is `chat/v1` "
-                           "unless configured otherwise. Every command except `disconnect` gets exactly one "
-                           "answer in the sender's inbox carrying its request_id. See docs/protocol.md.",
+            "bridge stores their effects and then publishes events. `{prefix}` is `chat/v1` "
+            "unless configured otherwise. Every command except `disconnect` gets exactly one "
+            "answer in the sender's inbox carrying its request_id. See docs/protocol.md.",
         },
         "servers": {
             "broker": {
@@ -91,35 +120,43 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "protocol": "mqtt",
                 "protocolVersion": "3.1.1",
                 "description": "Each client connection sets this last will, then subscribes to its inbox and "
-                               "the bridge status, then publishes `connect` with the same session_id.",
-                "bindings": {"mqtt": {
-                    "cleanSession": True,
-                    "lastWill": {"topic": "chat/v1/users/{user}/commands/disconnect", "qos": 1, "retain": False,
-                                 "message": '{"session_id": "<this connection\'s session_id>", "reason": "lost"}'},
-                    "keepAlive": 30,
-                    "bindingVersion": "0.2.0",
-                }},
+                "the bridge status, then publishes `connect` with the same session_id.",
+                "bindings": {
+                    "mqtt": {
+                        "cleanSession": True,
+                        "lastWill": {
+                            "topic": "chat/v1/users/{user}/commands/disconnect",
+                            "qos": 1,
+                            "retain": False,
+                            "message": '{"session_id": "<this connection\'s session_id>", "reason": "lost"}',
+                        },
+                        "keepAlive": 30,
+                        "bindingVersion": "0.2.0",
+                    }
+                },
             },
         },
         "channels": {
             "commands": {
                 "address": "chat/v1/users/{user}/commands/{command}",
                 "description": "Commands from a user's clients (and the broker, for their last will).",
-                "parameters": {"user": user_param,
-                               "command": {"enum": list(p.COMMANDS), "description": "the command name"}},
+                "parameters": {
+                    "user": user_param,
+                    "command": {"enum": list(p.COMMANDS), "description": "the command name"},
+                },
                 "messages": msg_refs("cmd", p.COMMANDS),
             },
             "inbox": {
                 "address": "chat/v1/users/{user}/inbox",
-                "description": "Events for one user: answers (with request_id) and broadcast copies (request_id "
-                               "null).",
+                "description": "Events for one user: answers (with request_id) and broadcast copies "
+                "(request_id null).",
                 "parameters": {"user": user_param},
                 "messages": msg_refs("evt", event_names),
             },
             "conversationEvents": {
                 "address": "chat/v1/conversations/{conversation}/events",
                 "description": "Every event about a conversation, once, with request_id null; for observers "
-                               "granted by the operator, not ordinary users.",
+                "granted by the operator, not ordinary users.",
                 "parameters": {"conversation": {"description": "a conversation id"}},
                 "messages": msg_refs("evt", conversation_events),
             },
@@ -132,29 +169,45 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "bridgeStatus": {
                 "address": "chat/v1/bridge/status",
                 "description": "Retained; a new epoch at every bridge start. The bridge's own last will sets "
-                               "{\"status\": \"offline\"}. On a new epoch, clients send connect again.",
+                '{"status": "offline"}. On a new epoch, clients send connect again.',
                 "messages": {"bridgeStatus": {"$ref": "#/components/messages/bridgeStatus"}},
             },
         },
         "operations": {
-            "sendCommand": {"action": "send", "channel": {"$ref": "#/channels/commands"},
-                            "bindings": qos1},
+            "sendCommand": {"action": "send", "channel": {"$ref": "#/channels/commands"}, "bindings": qos1},
             "receiveInbox": {"action": "receive", "channel": {"$ref": "#/channels/inbox"}, "bindings": qos1},
-            "observeConversation": {"action": "receive", "channel": {"$ref": "#/channels/conversationEvents"},
-                                    "bindings": qos1},
-            "receivePresence": {"action": "receive", "channel": {"$ref": "#/channels/presence"},
-                                "bindings": retained},
-            "receiveBridgeStatus": {"action": "receive", "channel": {"$ref": "#/channels/bridgeStatus"},
-                                    "bindings": retained},
+            "observeConversation": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/conversationEvents"},
+                "bindings": qos1,
+            },
+            "receivePresence": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/presence"},
+                "bindings": retained,
+            },
+            "receiveBridgeStatus": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/bridgeStatus"},
+                "bindings": retained,
+            },
         },
         "components": {
             "messages": {
                 **messages_commands,
                 **messages_events,
-                "presence": {"name": "presence", "contentType": "application/json",
-                             "payload": _ref("presence.json"), "bindings": retained},
-                "bridgeStatus": {"name": "bridge-status", "contentType": "application/json",
-                                 "payload": _ref("bridge-status.json"), "bindings": retained},
+                "presence": {
+                    "name": "presence",
+                    "contentType": "application/json",
+                    "payload": _ref("presence.json"),
+                    "bindings": retained,
+                },
+                "bridgeStatus": {
+                    "name": "bridge-status",
+                    "contentType": "application/json",
+                    "payload": _ref("bridge-status.json"),
+                    "bindings": retained,
+                },
             },
         },
     }
@@ -173,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if schemas/ differs from the models")
     args = parser.parse_args(argv)
     files = render()
-    stale = [path for path, text in files.items()
-             if not (SCHEMAS / path).exists() or (SCHEMAS / path).read_text() != text]
+    stale = [
+        path
+        for path, text in files.items()
+        if not (SCHEMAS / path).exists() or (SCHEMAS / path).read_text() != text
+    ]
     if args.check:
         for path in stale:
             print(f"stale: schemas/{path}", file=sys.stderr)

@@ -106,8 +106,12 @@ class Service:
         """Answers for commands whose batch could not be committed at all."""
         failure = InternalError("the bridge failed to apply the command; nothing was done")
         return [
-            self._error(item.user_id, failure, item.command if item.command in p.COMMANDS else None,
-                        request_id_of(item.payload))
+            self._error(
+                item.user_id,
+                failure,
+                item.command if item.command in p.COMMANDS else None,
+                request_id_of(item.payload),
+            )
             for item in items
             if item.command != "disconnect"
         ]
@@ -159,9 +163,15 @@ class Service:
                 raise InternalError("the bridge failed to apply the command; nothing was done") from None
         raise AssertionError("unreachable")
 
-    def _error(self, user_id: str, exc: ChatError, command: str | None, request_id: str | None) -> core.Delivery:
+    def _error(
+        self, user_id: str, exc: ChatError, command: str | None, request_id: str | None
+    ) -> core.Delivery:
         retry_after = getattr(exc, "retry_after", None)
-        data = p.ErrorData(code=exc.code, message=exc.message, command=command,  # type: ignore[arg-type]
-                           retry_after=retry_after)
+        data = p.ErrorData(
+            code=exc.code,
+            message=exc.message,
+            command=command,
+            retry_after=retry_after,
+        )
         event = p.Error(ts=p.iso_ms(self.clock()), request_id=request_id, data=data)
         return core.Delivery("inbox", user_id, event)

@@ -11,9 +11,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint, and_, delete, event, func, insert
-from sqlalchemy import select, update
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlmodel import Field, SQLModel, create_engine
 
@@ -106,12 +118,12 @@ _MSG_COLS = (
 )
 
 
-def _conv(row: Row[Any] | None) -> Conversation | None:
-    return Conversation(*row) if row is not None else None
+def _conv(row: Any) -> Conversation | None:
+    return Conversation(**row._mapping) if row is not None else None
 
 
-def _msgs(rows: Sequence[Row[Any]]) -> list[Message]:
-    return [Message(*r) for r in rows]
+def _msgs(rows: Sequence[Any]) -> list[Message]:
+    return [Message(**r._mapping) for r in rows]
 
 
 class SqlStore:
@@ -128,7 +140,9 @@ class SqlStore:
     # users
     def get_user(self, user_id: str) -> User | None:
         row = self.c.execute(
-            select(users.c.user_id, users.c.display_name, users.c.created_ms).where(users.c.user_id == user_id)
+            select(users.c.user_id, users.c.display_name, users.c.created_ms).where(
+                users.c.user_id == user_id
+            )
         ).first()
         return User(*row) if row else None
 
@@ -137,8 +151,11 @@ class SqlStore:
             update(users).where(users.c.user_id == user.user_id).values(display_name=user.display_name)
         )
         if done.rowcount == 0:
-            self.c.execute(insert(users).values(user_id=user.user_id, display_name=user.display_name,
-                                                created_ms=user.created_ms))
+            self.c.execute(
+                insert(users).values(
+                    user_id=user.user_id, display_name=user.display_name, created_ms=user.created_ms
+                )
+            )
 
     def get_users(self, user_ids: Sequence[str]) -> list[User]:
         if not user_ids:
@@ -162,9 +179,13 @@ class SqlStore:
     # sessions
     def get_session(self, user_id: str, session_id: str) -> ChatSession | None:
         row = self.c.execute(
-            select(sessions.c.user_id, sessions.c.session_id, sessions.c.epoch, sessions.c.started_ms,
-                   sessions.c.ended_ms)
-            .where(sessions.c.user_id == user_id, sessions.c.session_id == session_id)
+            select(
+                sessions.c.user_id,
+                sessions.c.session_id,
+                sessions.c.epoch,
+                sessions.c.started_ms,
+                sessions.c.ended_ms,
+            ).where(sessions.c.user_id == user_id, sessions.c.session_id == session_id)
         ).first()
         return ChatSession(*row) if row else None
 
@@ -176,40 +197,57 @@ class SqlStore:
             .values(**values)
         )
         if done.rowcount == 0:
-            self.c.execute(insert(sessions).values(user_id=session.user_id, session_id=session.session_id,
-                                                   **values))
+            self.c.execute(
+                insert(sessions).values(user_id=session.user_id, session_id=session.session_id, **values)
+            )
 
     def has_active_session(self, user_id: str) -> bool:
         row = self.c.execute(
-            select(sessions.c.session_id).where(sessions.c.user_id == user_id, sessions.c.ended_ms.is_(None))
+            select(sessions.c.session_id)
+            .where(sessions.c.user_id == user_id, sessions.c.ended_ms.is_(None))
             .limit(1)
         ).first()
         return row is not None
 
     def active_user_ids(self) -> list[str]:
-        return list(self.c.execute(
-            select(sessions.c.user_id).where(sessions.c.ended_ms.is_(None)).distinct().order_by(sessions.c.user_id)
-        ).scalars())
+        return list(
+            self.c.execute(
+                select(sessions.c.user_id)
+                .where(sessions.c.ended_ms.is_(None))
+                .distinct()
+                .order_by(sessions.c.user_id)
+            ).scalars()
+        )
 
     def active_sessions_outside_epoch(self, epoch: str) -> list[ChatSession]:
         rows = self.c.execute(
-            select(sessions.c.user_id, sessions.c.session_id, sessions.c.epoch, sessions.c.started_ms,
-                   sessions.c.ended_ms)
-            .where(sessions.c.ended_ms.is_(None), sessions.c.epoch != epoch)
+            select(
+                sessions.c.user_id,
+                sessions.c.session_id,
+                sessions.c.epoch,
+                sessions.c.started_ms,
+                sessions.c.ended_ms,
+            ).where(sessions.c.ended_ms.is_(None), sessions.c.epoch != epoch)
         ).all()
         return [ChatSession(*r) for r in rows]
 
     # conversations
     def get_conversation(self, conversation_id: str) -> Conversation | None:
-        return _conv(self.c.execute(
-            select(*_CONV_COLS).where(conversations.c.conversation_id == conversation_id)).first())
+        return _conv(
+            self.c.execute(
+                select(*_CONV_COLS).where(conversations.c.conversation_id == conversation_id)
+            ).first()
+        )
 
     def find_direct(self, key: str) -> Conversation | None:
         return _conv(self.c.execute(select(*_CONV_COLS).where(conversations.c.direct_key == key)).first())
 
     def find_thread(self, parent_message_id: str) -> Conversation | None:
-        return _conv(self.c.execute(
-            select(*_CONV_COLS).where(conversations.c.parent_message_id == parent_message_id)).first())
+        return _conv(
+            self.c.execute(
+                select(*_CONV_COLS).where(conversations.c.parent_message_id == parent_message_id)
+            ).first()
+        )
 
     def add_conversation(
         self, conversation: Conversation, participants_: Sequence[str], direct_key: str | None = None
@@ -221,41 +259,58 @@ class SqlStore:
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
         if participants_:
-            self.c.execute(insert(participants), [
-                {"conversation_id": conversation.conversation_id, "user_id": u} for u in participants_
-            ])
+            self.c.execute(
+                insert(participants),
+                [{"conversation_id": conversation.conversation_id, "user_id": u} for u in participants_],
+            )
 
     def participant_ids(self, conversation_id: str) -> list[str]:
-        return list(self.c.execute(
-            select(participants.c.user_id).where(participants.c.conversation_id == conversation_id)
-            .order_by(participants.c.user_id)
-        ).scalars())
+        return list(
+            self.c.execute(
+                select(participants.c.user_id)
+                .where(participants.c.conversation_id == conversation_id)
+                .order_by(participants.c.user_id)
+            ).scalars()
+        )
 
     def is_participant(self, conversation_id: str, user_id: str) -> bool:
-        return self.c.execute(
-            select(participants.c.user_id)
-            .where(participants.c.conversation_id == conversation_id, participants.c.user_id == user_id)
-        ).first() is not None
+        return (
+            self.c.execute(
+                select(participants.c.user_id).where(
+                    participants.c.conversation_id == conversation_id, participants.c.user_id == user_id
+                )
+            ).first()
+            is not None
+        )
 
     def add_participants(self, conversation_id: str, user_ids: Sequence[str]) -> None:
-        self.c.execute(insert(participants), [{"conversation_id": conversation_id, "user_id": u} for u in user_ids])
+        self.c.execute(
+            insert(participants), [{"conversation_id": conversation_id, "user_id": u} for u in user_ids]
+        )
 
     def remove_participant(self, conversation_id: str, user_id: str) -> None:
-        self.c.execute(delete(participants).where(participants.c.conversation_id == conversation_id,
-                                                  participants.c.user_id == user_id))
+        self.c.execute(
+            delete(participants).where(
+                participants.c.conversation_id == conversation_id, participants.c.user_id == user_id
+            )
+        )
 
     def conversations_of(self, user_id: str) -> list[Conversation]:
         mine = select(participants.c.conversation_id).where(participants.c.user_id == user_id)
         rows = self.c.execute(
             select(*_CONV_COLS)
-            .where((conversations.c.conversation_id.in_(mine)) | (conversations.c.parent_conversation_id.in_(mine)))
+            .where(
+                (conversations.c.conversation_id.in_(mine))
+                | (conversations.c.parent_conversation_id.in_(mine))
+            )
             .order_by(conversations.c.created_ms, conversations.c.conversation_id)
         ).all()
         return [Conversation(*r) for r in rows]
 
     def threads_of(self, conversation_id: str) -> list[Conversation]:
         rows = self.c.execute(
-            select(*_CONV_COLS).where(conversations.c.parent_conversation_id == conversation_id)).all()
+            select(*_CONV_COLS).where(conversations.c.parent_conversation_id == conversation_id)
+        ).all()
         return [Conversation(*r) for r in rows]
 
     def delete_conversation(self, conversation_id: str) -> None:
@@ -276,7 +331,9 @@ class SqlStore:
     def add_message(self, message: Message) -> None:
         try:
             with self.c.begin_nested():
-                self.c.execute(insert(messages).values(**{col.name: getattr(message, col.name) for col in _MSG_COLS}))
+                self.c.execute(
+                    insert(messages).values(**{col.name: getattr(message, col.name) for col in _MSG_COLS})
+                )
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
 
@@ -284,35 +341,51 @@ class SqlStore:
         row = self.c.execute(select(*_MSG_COLS).where(messages.c.message_id == message_id)).first()
         return Message(*row) if row else None
 
-    def find_by_client_msg_id(self, conversation_id: str, sender_id: str, client_msg_id: str) -> Message | None:
-        row = self.c.execute(select(*_MSG_COLS).where(
-            messages.c.conversation_id == conversation_id,
-            messages.c.sender_id == sender_id,
-            messages.c.client_msg_id == client_msg_id,
-        )).first()
+    def find_by_client_msg_id(
+        self, conversation_id: str, sender_id: str, client_msg_id: str
+    ) -> Message | None:
+        row = self.c.execute(
+            select(*_MSG_COLS).where(
+                messages.c.conversation_id == conversation_id,
+                messages.c.sender_id == sender_id,
+                messages.c.client_msg_id == client_msg_id,
+            )
+        ).first()
         return Message(*row) if row else None
 
     def messages_after_seq(self, conversation_id: str, after_seq: int, limit: int) -> list[Message]:
-        return _msgs(self.c.execute(
-            select(*_MSG_COLS)
-            .where(messages.c.conversation_id == conversation_id, messages.c.seq > after_seq)
-            .order_by(messages.c.seq).limit(limit)
-        ).all())
+        return _msgs(
+            self.c.execute(
+                select(*_MSG_COLS)
+                .where(messages.c.conversation_id == conversation_id, messages.c.seq > after_seq)
+                .order_by(messages.c.seq)
+                .limit(limit)
+            ).all()
+        )
 
     def messages_after_ms(self, conversation_id: str, after_ms: int, limit: int) -> list[Message]:
-        # The first seq after the moment, found on the (conversation_id, created_ms) index, then keyset on seq.
+        # The first seq after the moment, via the (conversation_id, created_ms) index; then keyset on seq.
         first = self.c.execute(
-            select(func.min(messages.c.seq))
-            .where(messages.c.conversation_id == conversation_id, messages.c.created_ms > after_ms)
+            select(func.min(messages.c.seq)).where(
+                messages.c.conversation_id == conversation_id, messages.c.created_ms > after_ms
+            )
         ).scalar()
         if first is None:
             return []
-        return _msgs(self.c.execute(
-            select(*_MSG_COLS)
-            .where(and_(messages.c.conversation_id == conversation_id, messages.c.seq >= first,
-                        messages.c.created_ms > after_ms))
-            .order_by(messages.c.seq).limit(limit)
-        ).all())
+        return _msgs(
+            self.c.execute(
+                select(*_MSG_COLS)
+                .where(
+                    and_(
+                        messages.c.conversation_id == conversation_id,
+                        messages.c.seq >= first,
+                        messages.c.created_ms > after_ms,
+                    )
+                )
+                .order_by(messages.c.seq)
+                .limit(limit)
+            ).all()
+        )
 
     def messages_before_seq(self, conversation_id: str, before_seq: int | None, limit: int) -> list[Message]:
         query = select(*_MSG_COLS).where(messages.c.conversation_id == conversation_id)
@@ -357,13 +430,17 @@ def init_db(engine: Engine, now_ms: int) -> None:
     """Creates the tables and the global conversation when missing."""
     SQLModel.metadata.create_all(engine)
     with engine.begin() as conn:
-        exists = conn.execute(select(conversations.c.conversation_id)
-                              .where(conversations.c.conversation_id == GLOBAL_ID)).first()
+        exists = conn.execute(
+            select(conversations.c.conversation_id).where(conversations.c.conversation_id == GLOBAL_ID)
+        ).first()
         if exists is None:
             try:
                 with conn.begin_nested():
-                    conn.execute(insert(conversations).values(conversation_id=GLOBAL_ID, kind="global",
-                                                              created_ms=now_ms, last_seq=0))
+                    conn.execute(
+                        insert(conversations).values(
+                            conversation_id=GLOBAL_ID, kind="global", created_ms=now_ms, last_seq=0
+                        )
+                    )
             except IntegrityError:
                 pass  # another bridge process created it first
 

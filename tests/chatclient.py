@@ -17,9 +17,19 @@ Event = dict[str, Any]
 
 
 class ChatClient:
-    def __init__(self, user: str, host: str, port: int, *, prefix: str = "chat/v1", keepalive: int = 30,
-                 client_id: str | None = None, clean_session: bool = True,
-                 username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        user: str,
+        host: str,
+        port: int,
+        *,
+        prefix: str = "chat/v1",
+        keepalive: int = 30,
+        client_id: str | None = None,
+        clean_session: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.user = user
         self.prefix = prefix
         self.session_id = uuid.uuid4().hex[:16]
@@ -29,8 +39,12 @@ class ChatClient:
         self._retained_changed = threading.Condition()
         self._subscribed = threading.Event()
         self._counter = 0
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"{user}-{self.session_id}",
-                                  clean_session=clean_session, protocol=paho.MQTTv311)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"{user}-{self.session_id}",
+            clean_session=clean_session,
+            protocol=paho.MQTTv311,
+        )
         if username:
             self.client.username_pw_set(username, password)
         will = orjson.dumps({"session_id": self.session_id, "reason": "lost"})
@@ -44,8 +58,13 @@ class ChatClient:
         return f"{self.prefix}/users/{self.user}/commands/{command}"
 
     def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe([(f"{self.prefix}/users/{self.user}/inbox", 1), (f"{self.prefix}/bridge/status", 1),
-                          (f"{self.prefix}/presence/+", 1)])
+        client.subscribe(
+            [
+                (f"{self.prefix}/users/{self.user}/inbox", 1),
+                (f"{self.prefix}/bridge/status", 1),
+                (f"{self.prefix}/presence/+", 1),
+            ]
+        )
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         body = orjson.loads(msg.payload) if msg.payload else None
@@ -115,7 +134,10 @@ class ChatClient:
 
     def stop(self, *, clean: bool = True) -> None:
         if clean:
-            self.client.publish(self.topic("disconnect"),
-                                orjson.dumps({"session_id": self.session_id, "reason": "client"}), qos=1)
+            self.client.publish(
+                self.topic("disconnect"),
+                orjson.dumps({"session_id": self.session_id, "reason": "client"}),
+                qos=1,
+            )
             self.client.disconnect()
         self.client.loop_stop()

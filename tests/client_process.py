@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chatclient import ChatClient  # noqa: E402
+from chatclient import ChatClient
 
 
 def main() -> None:

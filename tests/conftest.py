@@ -37,7 +37,9 @@ class Mosquitto:
         lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("listener ")]
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         # `information` logs the "running" line that tells us it listens.
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\n" + "\n".join(lines) + "\nlog_type information\n")
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n" + "\n".join(lines) + "\nlog_type information\n"
+        )
         self.log: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
 
@@ -85,7 +87,9 @@ def _pg_reachable() -> str | None:
         with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
             return None
     except Exception as exc:
-        return f"no PostgreSQL reachable at {PG_ADMIN_URL} ({type(exc).__name__}); set CHAT_BRIDGE_TEST_POSTGRES"
+        return (
+            f"no PostgreSQL reachable at {PG_ADMIN_URL} ({type(exc).__name__}); set CHAT_BRIDGE_TEST_POSTGRES"
+        )
 
 
 @contextmanager

@@ -18,7 +18,9 @@ class World:
         self.now = 1_700_000_000_000
         self._ids = itertools.count(1)
         self.uow = uow or MemoryUnitOfWork()
-        self.service = Service(self.uow, epoch=epoch, clock=self.clock, ids=lambda prefix: f"{prefix}_{next(self._ids)}")
+        self.service = Service(
+            self.uow, epoch=epoch, clock=self.clock, ids=lambda prefix: f"{prefix}_{next(self._ids)}"
+        )
 
     def clock(self) -> int:
         self.now += 1
@@ -42,25 +44,37 @@ class Out:
         self.deliveries = deliveries
 
     def inbox(self, user: str) -> list[dict[str, Any]]:
-        return [d.payload.model_dump(mode="json") for d in self.deliveries if d.kind == "inbox" and d.key == user]
+        return [
+            d.payload.model_dump(mode="json") for d in self.deliveries if d.kind == "inbox" and d.key == user
+        ]
 
     def types(self, user: str) -> list[str]:
         return [e["type"] for e in self.inbox(user)]
 
     def recipients(self, event_type: str) -> list[str]:
-        return sorted(d.key for d in self.deliveries
-                      if d.kind == "inbox" and d.payload.model_dump()["type"] == event_type)
+        return sorted(
+            d.key
+            for d in self.deliveries
+            if d.kind == "inbox" and d.payload.model_dump()["type"] == event_type
+        )
 
     def conversation_topic(self, cid: str) -> list[str]:
-        return [d.payload.model_dump()["type"] for d in self.deliveries if d.kind == "conversation" and d.key == cid]
+        return [
+            d.payload.model_dump()["type"]
+            for d in self.deliveries
+            if d.kind == "conversation" and d.key == cid
+        ]
 
     def presence(self) -> list[tuple[str, str]]:
         return [(d.key, d.payload.model_dump()["status"]) for d in self.deliveries if d.kind == "presence"]
 
     @property
     def answer(self) -> dict[str, Any]:
-        answers = [d.payload.model_dump(mode="json") for d in self.deliveries
-                   if d.kind == "inbox" and d.payload.model_dump()["request_id"] is not None]
+        answers = [
+            d.payload.model_dump(mode="json")
+            for d in self.deliveries
+            if d.kind == "inbox" and d.payload.model_dump()["request_id"] is not None
+        ]
         assert len(answers) == 1, answers
         return answers[0]
 

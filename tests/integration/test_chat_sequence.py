@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from chatclient import ChatClient
 from conftest import EmbeddedBroker, Mosquitto, running_bridge
 

@@ -38,8 +38,14 @@ def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 30) -
 
 @contextmanager
 def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(serve_cmd(*args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        serve_cmd(*args),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         yield proc
     finally:
@@ -54,8 +60,13 @@ def test_busy_port_fails_fast_and_says_what_to_do(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         started = time.monotonic()
-        result = subprocess.run(serve_cmd("--listen", f"127.0.0.1:{port}"), cwd=tmp_path, capture_output=True,
-                                text=True, timeout=30)
+        result = subprocess.run(
+            serve_cmd("--listen", f"127.0.0.1:{port}"),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         elapsed = time.monotonic() - started
     assert result.returncode == 2
     assert "already in use" in result.stderr
@@ -96,16 +107,24 @@ def test_serve_with_embedded_broker_and_sqlite_in_the_working_directory(tmp_path
         bob.stop()
 
 
-def test_serve_against_mosquitto_announces_epochs_and_goes_offline_on_sigterm(mosquitto: Mosquitto,
-                                                                               tmp_path: Path) -> None:
+def test_serve_against_mosquitto_announces_epochs_and_goes_offline_on_sigterm(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
     watcher = ChatClient("watcher", "127.0.0.1", mosquitto.port).start()
     epochs = []
     for _ in range(2):
-        with serving(tmp_path, "--broker-url", f"mqtt://127.0.0.1:{mosquitto.port}",
-                     "--database-url", f"sqlite:///{tmp_path / 'db.sqlite3'}") as proc:
-            status = watcher.wait_retained("chat/v1/bridge/status",
-                                           lambda s: s["status"] == "online" and s["epoch"] not in epochs,
-                                           timeout=20)
+        with serving(
+            tmp_path,
+            "--broker-url",
+            f"mqtt://127.0.0.1:{mosquitto.port}",
+            "--database-url",
+            f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        ) as proc:
+            status = watcher.wait_retained(
+                "chat/v1/bridge/status",
+                lambda s: s["status"] == "online" and s["epoch"] not in epochs,
+                timeout=20,
+            )
             epochs.append(status["epoch"])
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
@@ -116,8 +135,13 @@ def test_serve_against_mosquitto_announces_epochs_and_goes_offline_on_sigterm(mo
 
 def test_bridge_killed_leaves_its_will_offline(mosquitto: Mosquitto, tmp_path: Path) -> None:
     watcher = ChatClient("watcher", "127.0.0.1", mosquitto.port).start()
-    with serving(tmp_path, "--broker-url", f"mqtt://127.0.0.1:{mosquitto.port}",
-                 "--database-url", f"sqlite:///{tmp_path / 'db.sqlite3'}") as proc:
+    with serving(
+        tmp_path,
+        "--broker-url",
+        f"mqtt://127.0.0.1:{mosquitto.port}",
+        "--database-url",
+        f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    ) as proc:
         watcher.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "online", timeout=20)
         proc.kill()
         watcher.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "offline", timeout=10)

@@ -20,8 +20,11 @@ CLIENT = Path(__file__).resolve().parent.parent / "client_process.py"
 
 @contextmanager
 def client_process(user: str, port: int, keepalive: int) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen([sys.executable, str(CLIENT), user, "127.0.0.1", str(port), str(keepalive)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(CLIENT), user, "127.0.0.1", str(port), str(keepalive)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until the client is connected to the chat (or died)
@@ -41,8 +44,9 @@ def observer(port: int) -> ChatClient:
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
-def test_sigkilled_client_is_reported_disconnected(broker: str, request: pytest.FixtureRequest,
-                                                  tmp_path: Path) -> None:
+def test_sigkilled_client_is_reported_disconnected(
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     port = request.getfixturevalue("mosquitto" if broker == "mosquitto" else "embedded_broker").port
     with running_bridge(port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
         bob = observer(port)
@@ -56,7 +60,9 @@ def test_sigkilled_client_is_reported_disconnected(broker: str, request: pytest.
         bob.stop()
 
 
-def test_sigstopped_client_will_fires_on_embedded_broker(embedded_broker: EmbeddedBroker, tmp_path: Path) -> None:
+def test_sigstopped_client_will_fires_on_embedded_broker(
+    embedded_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
     """amqtt alone never fires this will (upstream #308); our watchdog must, within 1.5 x keepalive + ~1 s."""
     keepalive = 2
     with running_bridge(embedded_broker.port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
@@ -73,7 +79,9 @@ def test_sigstopped_client_will_fires_on_embedded_broker(embedded_broker: Embedd
         bob.stop()
 
 
-def test_live_client_with_short_keepalive_is_not_dropped(embedded_broker: EmbeddedBroker, tmp_path: Path) -> None:
+def test_live_client_with_short_keepalive_is_not_dropped(
+    embedded_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
     """The watchdog must not cut a client that pings on time."""
     with running_bridge(embedded_broker.port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
         erin = ChatClient("erin", "127.0.0.1", embedded_broker.port, keepalive=1).start()
@@ -95,12 +103,19 @@ def test_burst_arrives_in_order_without_gaps(mosquitto: Mosquitto, database_url:
         alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
         bob = observer(mosquitto.port)
         alice.connect_chat()
-        cid = alice.request("create-conversation", kind="direct", participants=["bob"])["data"]["conversation"][
-            "conversation_id"]
+        cid = alice.request("create-conversation", kind="direct", participants=["bob"])["data"][
+            "conversation"
+        ]["conversation_id"]
         for i in range(n):
-            alice.client.publish(alice.topic("send-message"),
-                                 f'{{"conversation_id":"{cid}","body":"msg {i}","client_msg_id":"b{i}"}}', qos=1)
-        got = [bob.wait_for(lambda e: e["type"] == "message-added", timeout=30)["data"]["message"] for _ in range(n)]
+            alice.client.publish(
+                alice.topic("send-message"),
+                f'{{"conversation_id":"{cid}","body":"msg {i}","client_msg_id":"b{i}"}}',
+                qos=1,
+            )
+        got = [
+            bob.wait_for(lambda e: e["type"] == "message-added", timeout=30)["data"]["message"]
+            for _ in range(n)
+        ]
         assert [m["seq"] for m in got] == list(range(1, n + 1))
         assert [m["body"] for m in got] == [f"msg {i}" for i in range(n)]  # one publisher: its order is kept
         page = bob.request("get-messages", conversation_id=cid, since_seq=0, limit=500)["data"]
@@ -109,19 +124,25 @@ def test_burst_arrives_in_order_without_gaps(mosquitto: Mosquitto, database_url:
         bob.stop()
 
 
-def test_commands_sent_while_the_bridge_is_down_are_applied_on_return(mosquitto: Mosquitto, tmp_path: Path) -> None:
+def test_commands_sent_while_the_bridge_is_down_are_applied_on_return(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
     db = f"sqlite:///{tmp_path / 'c.sqlite3'}"
     with running_bridge(mosquitto.port, db):  # first start creates the bridge's persistent session
         alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
         alice.connect_chat()
         bob = observer(mosquitto.port)
-        cid = alice.request("create-conversation", kind="direct", participants=["bob"])["data"]["conversation"][
-            "conversation_id"]
+        cid = alice.request("create-conversation", kind="direct", participants=["bob"])["data"][
+            "conversation"
+        ]["conversation_id"]
     # The bridge is down: the broker keeps these for its persistent session.
     for i in range(20):
         alice.send("send-message", conversation_id=cid, body=f"while away {i}", client_msg_id=f"w{i}")
     with running_bridge(mosquitto.port, db):
-        got = [bob.wait_for(lambda e: e["type"] == "message-added", timeout=15)["data"]["message"] for _ in range(20)]
+        got = [
+            bob.wait_for(lambda e: e["type"] == "message-added", timeout=15)["data"]["message"]
+            for _ in range(20)
+        ]
         assert [m["body"] for m in got] == [f"while away {i}" for i in range(20)]
         assert [m["seq"] for m in got] == list(range(1, 21))
     alice.stop()
@@ -161,8 +182,12 @@ def test_commands_are_acknowledged_only_after_commit(mosquitto: Mosquitto, tmp_p
     engine = make_engine(db)
     init_db(engine, 0)
     uow = FlakyUnitOfWork(SqlUnitOfWork(engine))
-    first = MqttBridge(Service(uow, epoch="e1", transient=TRANSIENT_ERRORS),  # type: ignore[arg-type]
-                       BrokerAddress("127.0.0.1", mosquitto.port), Topics("chat/v1"), is_transient=is_transient)
+    first = MqttBridge(
+        Service(uow, epoch="e1", transient=TRANSIENT_ERRORS),  # type: ignore[arg-type]
+        BrokerAddress("127.0.0.1", mosquitto.port),
+        Topics("chat/v1"),
+        is_transient=is_transient,
+    )
     first.start()
     assert first.ready.wait(15)
     alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()

@@ -28,22 +28,33 @@ def history(w: World, seed: int = 7) -> list[tuple[str, str, str]]:
     dm = run("alice", "create-conversation", kind="direct", participants=["bob"])["data"]["conversation"]
     run("bob", "create-conversation", kind="direct", participants=["alice"])
     grp = run("alice", "create-conversation", kind="group", participants=["bob", "carol"], title="g")["data"][
-        "conversation"]
+        "conversation"
+    ]
     convs = [dm["conversation_id"], grp["conversation_id"], "global"]
     roots: list[str] = []
     for i in range(120):
         user = rng.choice(USERS)
         action = rng.random()
         if action < 0.45:
-            ans = run(user, "send-message", conversation_id=rng.choice(convs), body=f"b{i}",
-                      client_msg_id=f"c{rng.randrange(30)}")
+            ans = run(
+                user,
+                "send-message",
+                conversation_id=rng.choice(convs),
+                body=f"b{i}",
+                client_msg_id=f"c{rng.randrange(30)}",
+            )
             if ans.get("type") == "message-added":
                 roots.append(ans["data"]["message"]["message_id"])  # type: ignore[index]
         elif action < 0.6 and roots:
             run(user, "reply", message_id=rng.choice(roots), body=f"r{i}")
         elif action < 0.7:
-            run(user, "get-messages", conversation_id=rng.choice(convs), since_seq=rng.randrange(5),
-                limit=rng.randrange(1, 6))
+            run(
+                user,
+                "get-messages",
+                conversation_id=rng.choice(convs),
+                since_seq=rng.randrange(5),
+                limit=rng.randrange(1, 6),
+            )
         elif action < 0.8:
             run(user, "get-prior-messages", conversation_id=rng.choice(convs), limit=rng.randrange(1, 6))
         elif action < 0.85:
@@ -87,8 +98,10 @@ def test_concurrent_direct_creation_yields_one_conversation(database_url: str) -
         out = w.do(me, "create-conversation", kind="direct", participants=[other])
         results.append(out.data["conversation"]["conversation_id"])
 
-    threads = [threading.Thread(target=create, args=(worlds[0], "alice", "bob")),
-               threading.Thread(target=create, args=(worlds[1], "bob", "alice"))]
+    threads = [
+        threading.Thread(target=create, args=(worlds[0], "alice", "bob")),
+        threading.Thread(target=create, args=(worlds[1], "bob", "alice")),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -79,7 +79,9 @@ def test_unknown_fields_are_ignored(w: World) -> None:
     assert out.inbox("alice")[0]["type"] == "message-added"
 
 
-def test_a_handler_crash_is_answered_internal_and_rolled_back(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_handler_crash_is_answered_internal_and_rolled_back(
+    w: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from bridge import core
 
     def explode(*_: object) -> None:

@@ -20,8 +20,13 @@ def group(w: World, owner: str = "alice", members: tuple[str, ...] = ("bob", "ca
 
 
 def test_group_owner_is_the_creator_and_everyone_is_told(w: World) -> None:
-    out = w.do("alice", "create-conversation", kind="group", participants=["bob", "carol", "bob", "alice"],
-               title="team")
+    out = w.do(
+        "alice",
+        "create-conversation",
+        kind="group",
+        participants=["bob", "carol", "bob", "alice"],
+        title="team",
+    )
     conv = out.data["conversation"]
     assert (conv["kind"], conv["owner_id"], conv["title"]) == ("group", "alice", "team")
     assert conv["participants"] == ["alice", "bob", "carol"]
@@ -29,7 +34,9 @@ def test_group_owner_is_the_creator_and_everyone_is_told(w: World) -> None:
 
 
 def test_group_with_an_unknown_user_is_not_found_and_creates_nothing(w: World) -> None:
-    assert w.do("alice", "create-conversation", kind="group", participants=["bob", "ghost"]).error == "not-found"
+    assert (
+        w.do("alice", "create-conversation", kind="group", participants=["bob", "ghost"]).error == "not-found"
+    )
     assert len(w.do("alice", "get-conversations").data["conversations"]) == 1
 
 
@@ -51,7 +58,9 @@ def test_invite_rules(w: World) -> None:
     assert w.do("bob", "invite", conversation_id=cid, user_ids=["ghost"]).error == "not-found"
     assert w.do("bob", "invite", conversation_id="global", user_ids=["dave"]).error == "forbidden"
     dm = w.do("alice", "create-conversation", kind="direct", participants=["bob"]).data["conversation"]
-    assert w.do("alice", "invite", conversation_id=dm["conversation_id"], user_ids=["dave"]).error == "forbidden"
+    assert (
+        w.do("alice", "invite", conversation_id=dm["conversation_id"], user_ids=["dave"]).error == "forbidden"
+    )
     root = w.do("alice", "send-message", conversation_id=cid, body="root").data["message"]
     thread = w.do("bob", "reply", message_id=root["message_id"], body="re").data["message"]["conversation_id"]
     assert w.do("alice", "invite", conversation_id=thread, user_ids=["dave"]).error == "forbidden"
@@ -90,9 +99,14 @@ def test_remove_is_for_the_owner_and_takes_threads_and_messages(w: World) -> Non
     assert out.recipients("conversation-removed") == ["alice", "bob", "carol"]
     assert out.conversation_topic(thread["conversation_id"]) == ["conversation-removed"]
     assert w.do("bob", "get-messages", conversation_id=cid, since_seq=0).error == "not-found"
-    assert w.do("bob", "get-messages", conversation_id=thread["conversation_id"], since_seq=0).error == "not-found"
+    assert (
+        w.do("bob", "get-messages", conversation_id=thread["conversation_id"], since_seq=0).error
+        == "not-found"
+    )
     assert w.do("bob", "reply", message_id=root["message_id"], body="late").error == "not-found"
-    assert [c["conversation_id"] for c in w.do("bob", "get-conversations").data["conversations"]] == ["global"]
+    assert [c["conversation_id"] for c in w.do("bob", "get-conversations").data["conversations"]] == [
+        "global"
+    ]
 
 
 def test_remove_rules_for_other_kinds(w: World) -> None:
@@ -112,7 +126,10 @@ def test_first_reply_creates_the_thread_before_the_message(w: World) -> None:
     assert (thread["parent_conversation_id"], thread["parent_message_id"]) == (cid, root["message_id"])
     assert thread["participants"] == ["alice", "bob", "carol"]
     assert out.answer["type"] == "message-added"
-    assert out.data["message"]["conversation_id"] == thread["conversation_id"] and out.data["message"]["seq"] == 1
+    assert (
+        out.data["message"]["conversation_id"] == thread["conversation_id"]
+        and out.data["message"]["seq"] == 1
+    )
 
     second = w.do("alice", "reply", message_id=root["message_id"], body="second")
     assert second.types("bob") == ["message-added"]
@@ -128,7 +145,9 @@ def test_thread_participants_follow_the_parent(w: World) -> None:
     tid = w.do("carol", "reply", message_id=root["message_id"], body="re").data["message"]["conversation_id"]
     w.do("alice", "invite", conversation_id=cid, user_ids=["dave"])
     w.do("carol", "leave", conversation_id=cid)
-    members = [u["user_id"] for u in w.do("dave", "get-participants", conversation_id=tid).data["participants"]]
+    members = [
+        u["user_id"] for u in w.do("dave", "get-participants", conversation_id=tid).data["participants"]
+    ]
     assert members == ["alice", "bob", "dave"]
     assert w.do("carol", "get-messages", conversation_id=tid, since_seq=0).error == "not-found"
     assert tid in [c["conversation_id"] for c in w.do("dave", "get-conversations").data["conversations"]]

@@ -15,7 +15,11 @@ def w() -> World:
 
 
 def direct(w: World, a: str = "alice", b: str = "bob") -> str:
-    return str(w.do(a, "create-conversation", kind="direct", participants=[b]).data["conversation"]["conversation_id"])
+    return str(
+        w.do(a, "create-conversation", kind="direct", participants=[b]).data["conversation"][
+            "conversation_id"
+        ]
+    )
 
 
 def test_direct_conversation_reaches_both_and_its_topic(w: World) -> None:
@@ -37,8 +41,13 @@ def test_direct_conversation_is_unique_per_pair_and_notifies_nobody_again(w: Wor
 
 @pytest.mark.parametrize(
     ("participants", "code"),
-    [(["alice"], "bad-request"), (["bob", "carol"], "bad-request"), (["zed"], "not-found"), ([], "bad-request"),
-     (["bad id!"], "bad-request")],
+    [
+        (["alice"], "bad-request"),
+        (["bob", "carol"], "bad-request"),
+        (["zed"], "not-found"),
+        ([], "bad-request"),
+        (["bad id!"], "bad-request"),
+    ],
 )
 def test_direct_conversation_rejections(w: World, participants: list[str], code: str) -> None:
     assert w.do("alice", "create-conversation", kind="direct", participants=participants).error == code
@@ -93,15 +102,24 @@ def test_get_messages_since_seq_pages_forward(w: World) -> None:
 
 def test_get_messages_since_a_timestamp_is_exclusive(w: World) -> None:
     cid = direct(w)
-    sent = [w.do("alice", "send-message", conversation_id=cid, body=f"m{i}").data["message"] for i in range(3)]
+    sent = [
+        w.do("alice", "send-message", conversation_id=cid, body=f"m{i}").data["message"] for i in range(3)
+    ]
     page = w.do("bob", "get-messages", conversation_id=cid, since=sent[0]["created_at"]).data
     assert [m["seq"] for m in page["messages"]] == [2, 3]
 
 
 @pytest.mark.parametrize(
     "fields",
-    [{}, {"since_seq": 0, "since": "2026-01-01T00:00:00Z"}, {"since_seq": -1}, {"since_seq": "3"},
-     {"since_seq": 0, "limit": 0}, {"since_seq": 0, "limit": 501}, {"since": "yesterday"}],
+    [
+        {},
+        {"since_seq": 0, "since": "2026-01-01T00:00:00Z"},
+        {"since_seq": -1},
+        {"since_seq": "3"},
+        {"since_seq": 0, "limit": 0},
+        {"since_seq": 0, "limit": 501},
+        {"since": "yesterday"},
+    ],
 )
 def test_get_messages_rejects_bad_cursors(w: World, fields: dict[str, object]) -> None:
     cid = direct(w)
@@ -119,5 +137,6 @@ def test_commands_need_no_prior_connect_and_register_the_sender(w: World) -> Non
     out = w.do("zoe", "send-message", conversation_id="global", body="hi")
     assert out.answer["type"] == "message-added"
     assert w.do("alice", "create-conversation", kind="direct", participants=["zoe"]).answer["type"] == (
-        "conversation-created")
+        "conversation-created"
+    )
     assert "zoe" not in [u["user_id"] for u in w.do("alice", "get-active-users").data["users"]]

@@ -34,9 +34,13 @@ def test_asyncapi_describes_topics_qos_retain_and_the_will() -> None:
     doc = yaml.safe_load((SCHEMAS / "asyncapi.yaml").read_text())
     assert doc["asyncapi"].startswith("3.")
     addresses = {c["address"] for c in doc["channels"].values()}
-    assert addresses == {"chat/v1/users/{user}/commands/{command}", "chat/v1/users/{user}/inbox",
-                         "chat/v1/conversations/{conversation}/events", "chat/v1/presence/{user}",
-                         "chat/v1/bridge/status"}
+    assert addresses == {
+        "chat/v1/users/{user}/commands/{command}",
+        "chat/v1/users/{user}/inbox",
+        "chat/v1/conversations/{conversation}/events",
+        "chat/v1/presence/{user}",
+        "chat/v1/bridge/status",
+    }
     will = doc["servers"]["broker"]["bindings"]["mqtt"]["lastWill"]
     assert will["topic"] == "chat/v1/users/{user}/commands/disconnect" and will["qos"] == 1
     assert doc["operations"]["receivePresence"]["bindings"]["mqtt"]["retain"] is True
@@ -51,16 +55,22 @@ def test_what_the_bridge_sends_validates_against_the_schemas() -> None:
     w = World()
     outs = [w.do("alice", "connect", session_id="a"), w.do("bob", "connect", session_id="b")]
     cid = w.do("alice", "create-conversation", kind="group", participants=["bob"]).data["conversation"][
-        "conversation_id"]
+        "conversation_id"
+    ]
     outs.append(w.do("alice", "invite", conversation_id=cid, user_ids=["bob"]))
     mid = w.do("alice", "send-message", conversation_id=cid, body="x").data["message"]["message_id"]
-    outs += [w.do("bob", "reply", message_id=mid, body="y"),
-             w.do("bob", "get-messages", conversation_id=cid, since_seq=0),
-             w.do("bob", "get-prior-messages", conversation_id=cid),
-             w.do("bob", "get-conversations"), w.do("bob", "get-participants", conversation_id=cid),
-             w.do("bob", "get-active-users"), w.do("bob", "leave", conversation_id=cid),
-             w.do("bob", "nope"), w.do("alice", "remove-conversation", conversation_id=cid),
-             w.do("alice", "disconnect", session_id="a")]
+    outs += [
+        w.do("bob", "reply", message_id=mid, body="y"),
+        w.do("bob", "get-messages", conversation_id=cid, since_seq=0),
+        w.do("bob", "get-prior-messages", conversation_id=cid),
+        w.do("bob", "get-conversations"),
+        w.do("bob", "get-participants", conversation_id=cid),
+        w.do("bob", "get-active-users"),
+        w.do("bob", "leave", conversation_id=cid),
+        w.do("bob", "nope"),
+        w.do("alice", "remove-conversation", conversation_id=cid),
+        w.do("alice", "disconnect", session_id="a"),
+    ]
     seen = set()
     for out in outs:
         for d in out.deliveries:
@@ -71,11 +81,14 @@ def test_what_the_bridge_sends_validates_against_the_schemas() -> None:
     assert len(seen) >= 12
 
 
-@pytest.mark.parametrize(("name", "example"), [
-    ("connect", {"session_id": "s1", "display_name": "Alice", "request_id": "r1"}),
-    ("send-message", {"conversation_id": "global", "body": "hi", "client_msg_id": "c1"}),
-    ("get-messages", {"conversation_id": "global", "since": "2026-11-24T10:00:00.123Z", "limit": 10}),
-])
+@pytest.mark.parametrize(
+    ("name", "example"),
+    [
+        ("connect", {"session_id": "s1", "display_name": "Alice", "request_id": "r1"}),
+        ("send-message", {"conversation_id": "global", "body": "hi", "client_msg_id": "c1"}),
+        ("get-messages", {"conversation_id": "global", "since": "2026-11-24T10:00:00.123Z", "limit": 10}),
+    ],
+)
 def test_valid_commands_validate(name: str, example: dict[str, object]) -> None:
     _validator(f"commands/{name}.json").validate(example)
 
@@ -88,4 +101,4 @@ def test_schemas_reject_what_the_bridge_rejects() -> None:
 
 
 def test_schema_dir_is_the_repository_one() -> None:
-    assert SCHEMAS == Path(__file__).resolve().parents[2] / "schemas"
+    assert Path(__file__).resolve().parents[2] / "schemas" == SCHEMAS
