@@ -17,10 +17,8 @@ from sqlalchemy import (
     Index,
     Text,
     UniqueConstraint,
-    and_,
     delete,
     event,
-    func,
     insert,
     select,
     update,
@@ -80,7 +78,7 @@ class MessageRow(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("conversation_id", "seq", name="uq_messages_seq"),
         UniqueConstraint("conversation_id", "sender_id", "client_msg_id", name="uq_messages_client_msg_id"),
-        Index("ix_messages_created", "conversation_id", "created_ms"),
+        Index("ix_messages_created", "conversation_id", "created_ms", "seq"),
     )
     message_id: str = Field(primary_key=True, max_length=64)
     conversation_id: str = Field(max_length=64)
@@ -364,11 +362,13 @@ class SqlStore:
         )
 
     def messages_after_ms(self, conversation_id: str, after_ms: int, limit: int) -> list[Message]:
-        # The first seq after the moment, via the (conversation_id, created_ms) index; then keyset on seq.
+        # The timestamp becomes a seq cursor: the first message created after it, read from the
+        # (conversation_id, created_ms, seq) index; then the usual keyset scan on seq.
         first = self.c.execute(
-            select(func.min(messages.c.seq)).where(
-                messages.c.conversation_id == conversation_id, messages.c.created_ms > after_ms
-            )
+            select(messages.c.seq)
+            .where(messages.c.conversation_id == conversation_id, messages.c.created_ms > after_ms)
+            .order_by(messages.c.created_ms, messages.c.seq)
+            .limit(1)
         ).scalar()
         if first is None:
             return []
@@ -376,11 +376,9 @@ class SqlStore:
             self.c.execute(
                 select(*_MSG_COLS)
                 .where(
-                    and_(
-                        messages.c.conversation_id == conversation_id,
-                        messages.c.seq >= first,
-                        messages.c.created_ms > after_ms,
-                    )
+                    messages.c.conversation_id == conversation_id,
+                    messages.c.seq >= first,
+                    messages.c.created_ms > after_ms,
                 )
                 .order_by(messages.c.seq)
                 .limit(limit)
