@@ -79,14 +79,18 @@ def message_out(m: Message) -> p.MessageOut:
     )
 
 
-def members(store: Store, conv: Conversation) -> list[str]:
-    """Who takes part: everyone for global, the parent's participants for a thread."""
-    if conv.kind == "global":
-        return store.all_user_ids()
+def owner_of_membership(conv: Conversation) -> str:
+    """The conversation whose participants these are: a thread's are its parent's."""
     if conv.kind == "thread":
         assert conv.parent_conversation_id is not None
-        return store.participant_ids(conv.parent_conversation_id)
-    return store.participant_ids(conv.conversation_id)
+        return conv.parent_conversation_id
+    return conv.conversation_id
+
+
+def members(store: Store, conv: Conversation) -> list[str]:
+    """Who takes part: everyone for global (and its threads), the parent's participants for a thread."""
+    source = owner_of_membership(conv)
+    return store.all_user_ids() if source == GLOBAL_ID else store.participant_ids(source)
 
 
 def conversation_out(store: Store, conv: Conversation) -> p.ConversationOut:
@@ -95,7 +99,7 @@ def conversation_out(store: Store, conv: Conversation) -> p.ConversationOut:
         kind=conv.kind,
         title=conv.title,
         owner_id=conv.owner_id,
-        participants=[] if conv.kind == "global" else members(store, conv),
+        participants=[] if owner_of_membership(conv) == GLOBAL_ID else members(store, conv),
         parent_conversation_id=conv.parent_conversation_id,
         parent_message_id=conv.parent_message_id,
         created_at=p.iso_ms(conv.created_ms),
@@ -112,11 +116,8 @@ def visible_conversation(ctx: Context, conversation_id: str) -> Conversation:
 
 
 def is_member(store: Store, conv: Conversation, user_id: str) -> bool:
-    if conv.kind == "global":
-        return True
-    parent = conv.parent_conversation_id if conv.kind == "thread" else conv.conversation_id
-    assert parent is not None
-    return store.is_participant(parent, user_id)
+    source = owner_of_membership(conv)
+    return source == GLOBAL_ID or store.is_participant(source, user_id)
 
 
 def ensure_user(ctx: Context, display_name: str | None = None) -> User:

@@ -118,7 +118,11 @@ class MemoryStore:
         found = [
             c
             for c in self._s.conversations.values()
-            if c.conversation_id in mine or (c.kind == "thread" and c.parent_conversation_id in mine)
+            if c.conversation_id in mine
+            or (
+                c.kind == "thread"
+                and (c.parent_conversation_id in mine or c.parent_conversation_id == GLOBAL_ID)
+            )
         ]
         return sorted(found, key=lambda c: (c.created_ms, c.conversation_id))
 

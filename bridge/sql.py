@@ -298,18 +298,19 @@ class SqlStore:
         rows = self.c.execute(
             select(*_CONV_COLS)
             .where(
-                (conversations.c.conversation_id.in_(mine))
-                | (conversations.c.parent_conversation_id.in_(mine))
+                conversations.c.conversation_id.in_(mine)
+                | conversations.c.parent_conversation_id.in_(mine)
+                | (conversations.c.parent_conversation_id == GLOBAL_ID)
             )
             .order_by(conversations.c.created_ms, conversations.c.conversation_id)
         ).all()
-        return [Conversation(*r) for r in rows]
+        return [Conversation(**r._mapping) for r in rows]
 
     def threads_of(self, conversation_id: str) -> list[Conversation]:
         rows = self.c.execute(
             select(*_CONV_COLS).where(conversations.c.parent_conversation_id == conversation_id)
         ).all()
-        return [Conversation(*r) for r in rows]
+        return [Conversation(**r._mapping) for r in rows]
 
     def delete_conversation(self, conversation_id: str) -> None:
         self.c.execute(delete(messages).where(messages.c.conversation_id == conversation_id))

@@ -180,3 +180,16 @@ def test_get_prior_messages_pages_backwards_from_the_newest(w: World) -> None:
     assert w.do("bob", "get-prior-messages", conversation_id=cid, limit=501).error == "bad-request"
     default = w.do("bob", "get-prior-messages", conversation_id=cid).data
     assert [m["seq"] for m in default["messages"]] == list(range(1, 8))
+
+
+def test_threads_of_the_global_conversation_are_everyones(w: World) -> None:
+    root = w.do("alice", "send-message", conversation_id="global", body="root").data["message"]
+    out = w.do("bob", "reply", message_id=root["message_id"], body="re")
+    thread = out.inbox("bob")[0]["data"]["conversation"]
+    assert thread["participants"] == []  # like its parent: empty means everyone
+    assert out.recipients("conversation-created") == ["alice", "bob", "carol", "dave", "eve"]
+    tid = thread["conversation_id"]
+    assert [
+        m["body"] for m in w.do("eve", "get-messages", conversation_id=tid, since_seq=0).data["messages"]
+    ] == ["re"]
+    assert tid in [c["conversation_id"] for c in w.do("carol", "get-conversations").data["conversations"]]
