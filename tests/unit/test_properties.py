@@ -158,5 +158,5 @@ class ChatMachine(RuleBasedStateMachine):
 
 TestChat = ChatMachine.TestCase
 TestChat.settings = settings(
-    max_examples=60, stateful_step_count=35, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=200, stateful_step_count=35, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
