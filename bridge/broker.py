@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import logging
 import socket
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from amqtt.broker import Broker
-from amqtt.plugins.base import BasePlugin
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
+
+from . import passwords
+from .acl import BRIDGE_ACCOUNT, TopicRules
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +33,8 @@ KEEPALIVE_FACTOR = 1.5
 WATCH_INTERVAL = 0.2
 
 
-class ListenError(Exception):
-    """The embedded broker cannot listen where it was asked to."""
+class BrokerStartError(Exception):
+    """The embedded broker cannot start as asked (port taken, password file unusable)."""
 
 
 class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
@@ -78,22 +84,105 @@ class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
         self._task.cancel()
 
 
+class PasswordFileAuth(BaseAuthPlugin):  # type: ignore[misc]
+    """Accounts from a Mosquitto password file (re-read when it changes), plus the bridge's own
+    per-process account. Refuses a connection whose last will aims at a topic its user may not
+    publish to: amqtt would otherwise publish such a will unchecked."""
+
+    @dataclass
+    class Config:
+        password_file: str = ""
+        internal_user: str = ""
+        internal_secret: str = ""
+        prefix: str = "chat/v1"
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._path = Path(self.config.password_file)
+        self._rules = TopicRules(self.config.prefix)
+        self._mtime = -1.0
+        self._entries: dict[str, str] = {}
+
+    def _accounts(self) -> dict[str, str]:
+        try:
+            mtime = self._path.stat().st_mtime
+            if mtime != self._mtime:
+                self._entries, self._mtime = passwords.read(self._path), mtime
+        except (OSError, passwords.PasswordFileError) as exc:
+            log.error("password file %s cannot be read (%s): refusing its accounts", self._path, exc)
+            return {}
+        return self._entries
+
+    async def authenticate(self, *, session: Any) -> bool:
+        user, password = session.username, session.password or ""
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        if not user:
+            return False
+        internal = self.config.internal_user
+        if internal and user == internal and hmac.compare_digest(password, self.config.internal_secret):
+            ok = True
+        else:
+            stored = self._accounts().get(user)
+            ok = stored is not None and passwords.verify(password, stored)
+        if not ok:
+            log.warning("refused %r: unknown user or wrong password", user)
+            return False
+        if session.will_flag and not self._rules.allows(user, session.will_topic or "", "publish"):
+            log.warning("refused %r: its last will targets %r", user, session.will_topic)
+            return False
+        return True
+
+
+class TopicRulesPlugin(BaseTopicPlugin):  # type: ignore[misc]
+    """The topic rules of mosquitto/acl, for the embedded broker."""
+
+    @dataclass
+    class Config:
+        prefix: str = "chat/v1"
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._rules = TopicRules(self.config.prefix)
+
+    async def topic_filtering(
+        self, *, session: Any = None, topic: str | None = None, action: Any = None
+    ) -> bool:
+        if session is None or topic is None:
+            return False
+        return self._rules.allows(session.username, topic, str(action))  # type: ignore[arg-type]
+
+
 class EmbeddedBroker(Broker):  # type: ignore[misc]
-    """amqtt's broker with one correction.
+    """amqtt's broker with two corrections for retained messages.
 
     On every connect amqtt replays the retained messages of *every* client's
-    subscriptions to the new client (broker.py, `_handle_client_session`), so a
-    client would receive presence and status messages it never subscribed to.
-    We only send a client the retained messages of its own subscriptions.
+    subscriptions to the new client (broker.py, `_handle_client_session`), and it
+    never asks the topic plugins whether a client may read a retained message.
+    We send a client only the retained messages of its own subscriptions that it
+    may read.
     """
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
     ) -> None:
-        topic_filter = subscription[0]
+        topic_filter, qos = subscription
         if not any(s.client_id == session.client_id for s, _ in self._subscriptions.get(topic_filter, ())):
             return
-        await super()._publish_retained_messages_for_subscription(subscription, session)
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            if self._matches(topic, topic_filter) and await self._topic_filtering(
+                session, topic, Action.RECEIVE
+            ):
+                publish = handler.mqtt_publish(
+                    retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                )
+                sends.append(asyncio.ensure_future(publish))
+        if sends:
+            await asyncio.wait(sends)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -104,33 +193,61 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ListenError(
+                raise BrokerStartError(
                     f"{host}:{port} is already in use (another MQTT broker, such as a local Mosquitto, "
                     f"may be running there). Either let the embedded broker listen elsewhere, e.g. "
                     f"`chat-bridge serve --listen 127.0.0.1:1884`, or use the running broker with "
                     f"`chat-bridge serve --broker-url mqtt://{host}:{port}`."
                 ) from None
-            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise BrokerStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def broker_config(host: str, port: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Security:
+    """Accounts and topic rules for the embedded broker (`serve --password-file`)."""
+
+    password_file: Path
+    internal_secret: str
+    prefix: str = "chat/v1"
+    internal_user: str = BRIDGE_ACCOUNT
+
+
+def broker_config(host: str, port: int, security: Security | None = None) -> dict[str, Any]:
+    plugins: dict[str, Any] = {"bridge.broker.KeepaliveWatchdog": {}}
+    if security is None:
+        plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
+    else:
+        plugins["bridge.broker.PasswordFileAuth"] = {
+            "password_file": str(security.password_file),
+            "internal_user": security.internal_user,
+            "internal_secret": security.internal_secret,
+            "prefix": security.prefix,
+        }
+        plugins["bridge.broker.TopicRulesPlugin"] = {"prefix": security.prefix}
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         "timeout_disconnect_delay": 0,
-        "plugins": {
-            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-            "bridge.broker.KeepaliveWatchdog": {},
-        },
+        "plugins": plugins,
     }
 
 
-async def start_broker(host: str, port: int) -> EmbeddedBroker:
+async def start_broker(host: str, port: int, security: Security | None = None) -> EmbeddedBroker:
     """Starts amqtt in the running event loop (it must be built inside one)."""
     check_port_free(host, port)
-    broker = EmbeddedBroker(broker_config(host, port))
+    if security is not None:
+        if not security.password_file.is_file():
+            raise BrokerStartError(
+                f"password file {security.password_file} does not exist; create accounts "
+                f"with `chat-bridge users add NAME --password-file {security.password_file}`"
+            )
+        try:
+            passwords.read(security.password_file)
+        except (OSError, passwords.PasswordFileError) as exc:
+            raise BrokerStartError(str(exc)) from None
+    broker = EmbeddedBroker(broker_config(host, port, security))
     try:
         await broker.start()
     except Exception as exc:  # amqtt wraps bind errors in BrokerError
-        raise ListenError(f"the embedded broker could not start on {host}:{port}: {exc}") from None
+        raise BrokerStartError(f"the embedded broker could not start on {host}:{port}: {exc}") from None
     log.info("embedded MQTT broker listening on %s:%d", host, port)
     return broker

@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import os
+import re
+import secrets
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
-from .broker import ListenError, start_broker
+from . import passwords
+from .acl import BRIDGE_ACCOUNT, OBSERVER_ACCOUNT
+from .broker import BrokerStartError, Security, start_broker
 from .config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_LISTEN,
     DEFAULT_PREFIX,
+    BrokerAddress,
     ConfigError,
     Settings,
     check_prefix,
     parse_listen,
 )
+from .model import User
 from .mqtt import MqttBridge, Topics
+from .protocol import ID_PATTERN
 from .service import Service, new_id, wall_clock_ms
 from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
 
@@ -49,8 +58,16 @@ OPTIONS = (
         "30",
         "seconds after a start within which clients must re-announce their sessions",
     ),
+    (
+        "--password-file",
+        "CHAT_BRIDGE_PASSWORD_FILE",
+        None,
+        "embedded broker only: require the accounts of this Mosquitto password file and enforce "
+        "mosquitto/acl's topic rules",
+    ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
+DEFAULT_PASSWORD_FILE = "mosquitto/passwd"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +78,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, env, default, text in OPTIONS:
         serve.add_argument(flag, default=os.environ.get(env, default), help=f"{text} [env {env}]")
+
+    users = sub.add_parser("users", help="manage accounts in a Mosquitto password file")
+    users_sub = users.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("add", "create an account or change its password, and register the user"),
+        ("remove", "delete an account (the user's messages stay)"),
+        ("list", "list the accounts"),
+    ):
+        cmd = users_sub.add_parser(action, help=text)
+        if action != "list":
+            cmd.add_argument("name", help="the user id, which is also the MQTT username")
+        cmd.add_argument(
+            "--password-file",
+            default=os.environ.get("CHAT_BRIDGE_PASSWORD_FILE", DEFAULT_PASSWORD_FILE),
+            help="[env CHAT_BRIDGE_PASSWORD_FILE]",
+        )
+        if action == "add":
+            cmd.add_argument(
+                "--password", help="the password (default: asked for, or read from standard input)"
+            )
+            cmd.add_argument(
+                "--database-url",
+                default=os.environ.get("CHAT_BRIDGE_DATABASE_URL", DEFAULT_DATABASE_URL),
+                help="where to register the user [env CHAT_BRIDGE_DATABASE_URL]",
+            )
+            cmd.add_argument("--display-name")
     return parser
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password is not None:
+        password = str(args.password)
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise ConfigError("an empty password is not allowed")
+    return password
+
+
+def users_command(args: argparse.Namespace) -> int:
+    path = Path(args.password_file)
+    try:
+        entries = passwords.read(path)
+    except passwords.PasswordFileError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.action == "list":
+        for name in entries:
+            print(name)
+        return 0
+    if not re.fullmatch(ID_PATTERN, args.name):
+        raise ConfigError(f"user ids are 1-64 of A-Z a-z 0-9 _ -, not {args.name!r}")
+    if args.action == "remove":
+        if entries.pop(args.name, None) is None:
+            raise ConfigError(f"no account {args.name!r} in {path}")
+        passwords.write(path, entries)
+        print(f"removed {args.name} from {path}")
+        return 0
+    entries[args.name] = passwords.hash_password(read_password(args))
+    passwords.write(path, entries)
+    if args.name in (BRIDGE_ACCOUNT, OBSERVER_ACCOUNT):
+        print(f"{args.name} saved in {path} (a service account: not registered as a chat user)")
+        return 0
+    engine = make_engine(args.database_url)
+    init_db(engine, wall_clock_ms())
+    with SqlUnitOfWork(engine).transaction() as store:
+        existing = store.get_user(args.name)
+        display_name = args.display_name or (existing.display_name if existing else None)
+        store.save_user(User(args.name, display_name, existing.created_ms if existing else wall_clock_ms()))
+    engine.dispose()
+    print(f"{args.name} saved in {path} and registered in {args.database_url}")
+    return 0
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -76,6 +167,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         database_url=args.database_url,
         topic_prefix=check_prefix(args.topic_prefix),
         session_grace=grace,
+        password_file=args.password_file or None,
     )
     settings.broker()  # validates the URL
     return settings
@@ -84,20 +176,22 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     try:
+        if args.command == "users":
+            return users_command(args)
         settings = settings_from(args)
         return serve(settings)
-    except (ConfigError, ListenError) as exc:
+    except (ConfigError, BrokerStartError) as exc:
         print(f"chat-bridge: {exc}", file=sys.stderr)
         return 2
 
 
-def build_bridge(settings: Settings) -> MqttBridge:
+def build_bridge(settings: Settings, broker: BrokerAddress | None = None) -> MqttBridge:
     engine = make_engine(settings.database_url)
     init_db(engine, wall_clock_ms())
     service = Service(
@@ -108,7 +202,7 @@ def build_bridge(settings: Settings) -> MqttBridge:
     )
     return MqttBridge(
         service,
-        settings.broker(),
+        broker or settings.broker(),
         Topics(settings.topic_prefix),
         client_id=settings.client_id,
         keepalive=settings.keepalive,
@@ -118,6 +212,10 @@ def build_bridge(settings: Settings) -> MqttBridge:
 
 
 def serve(settings: Settings) -> int:
+    if settings.broker_url and settings.password_file:
+        raise ConfigError(
+            "--password-file is for the embedded broker; an external broker has its own accounts"
+        )
     if settings.broker_url:
         bridge = build_bridge(settings)
         stop = threading.Event()
@@ -134,14 +232,25 @@ def serve(settings: Settings) -> int:
 
 async def serve_embedded(settings: Settings) -> int:
     host, port = parse_listen(settings.listen)
-    broker = await start_broker(host, port)  # before the database: a busy port fails fast
-    bridge = build_bridge(settings)
+    security, address = None, None
+    if settings.password_file:
+        secret = secrets.token_urlsafe(32)  # the bridge's own account, for this process only
+        security = Security(Path(settings.password_file), secret, settings.topic_prefix)
+        address = BrokerAddress(settings.broker().host, port, BRIDGE_ACCOUNT, secret)
+    broker = await start_broker(host, port, security)  # before the database: a busy port fails fast
+    bridge = build_bridge(settings, address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     bridge.start()
-    log.info("embedded broker on %s:%d; database %s", host, port, settings.database_url)
+    log.info(
+        "embedded broker on %s:%d (%s); database %s",
+        host,
+        port,
+        f"accounts from {settings.password_file}" if security else "anonymous, no access control",
+        settings.database_url,
+    )
     await stop.wait()
     log.info("shutting down")
     await loop.run_in_executor(None, bridge.stop)

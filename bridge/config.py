@@ -65,6 +65,7 @@ class Settings:
     max_payload: int = 64 * 1024
     session_grace: float = 30.0
     keepalive: int = 30
+    password_file: str | None = None
 
     def broker(self) -> BrokerAddress:
         if self.broker_url:

@@ -187,8 +187,13 @@ class MqttBridge:
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
         parsed = self.topics.parse_command(msg.topic)
-        if parsed is None:
+        if msg.retain:
+            # A retained command would be replayed at every subscription: never apply one.
+            log.warning("ignored a retained message on %r: commands must not be retained", msg.topic)
+            parsed = None
+        elif parsed is None:
             log.warning("ignored a message on %r: not a command topic with a valid user id", msg.topic)
+        if parsed is None:
             if msg.qos:
                 self.client.ack(msg.mid, msg.qos)
             return

@@ -30,16 +30,38 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    """`mosquitto` from its binary with the project's dev config, on a free port."""
+    """`mosquitto` from its binary with one of the project's configs, on free ports.
 
-    def __init__(self, workdir: Path, conf: Path = ROOT / "mosquitto" / "dev.conf") -> None:
+    Listener lines get free loopback ports; `password_file`, `acl_file` and
+    `persistence_location` can be pointed elsewhere.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        conf: Path = ROOT / "mosquitto" / "dev.conf",
+        replace: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
-        lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("listener ")]
-        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.ws_port = free_port()
+        replace = replace or {}
+        out = []
+        for line in conf.read_text().splitlines():
+            key = line.split(" ", 1)[0]
+            if line.startswith("listener "):
+                ws = line.split()[1] == "9001"
+                out.append(f"listener {self.ws_port if ws else self.port} 127.0.0.1")
+            elif key in replace:
+                out.append(f"{key} {replace[key]}")
+            elif key != "user":
+                out.append(line)
+        if os.geteuid() == 0:
+            out.insert(
+                0, "user root"
+            )  # as root, Mosquitto would switch to `mosquitto`, who cannot read tmp files
         # `information` logs the "running" line that tells us it listens.
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n" + "\n".join(lines) + "\nlog_type information\n"
-        )
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.conf.write_text("\n".join(out) + "\nlog_type information\n")
         self.log: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
 
@@ -69,6 +91,43 @@ class Mosquitto:
 
 def mosquitto_available() -> bool:
     return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
+
+
+ACCOUNTS = {
+    "alice": "alice-pw",
+    "bob": "bob-pw",
+    "mallory": "mallory-pw",
+    "chat-bridge": "bridge-pw",
+    "chat-observer": "observer-pw",
+}
+
+
+def write_accounts(path: Path) -> Path:
+    from bridge import passwords
+
+    passwords.write(path, {user: passwords.hash_password(pw) for user, pw in ACCOUNTS.items()})
+    return path
+
+
+@pytest.fixture
+def secure_mosquitto(tmp_path: Path) -> Iterator[tuple[Mosquitto, Path]]:
+    """Mosquitto with the shipped production config (accounts, ACL, websockets, persistence)."""
+    if not mosquitto_available():
+        pytest.skip("the mosquitto binary is not installed (scripts/test installs it)")
+    password_file = write_accounts(tmp_path / "passwd")
+    data = tmp_path / "data"
+    data.mkdir()
+    broker = Mosquitto(
+        tmp_path,
+        ROOT / "mosquitto" / "mosquitto.conf",
+        {
+            "password_file": str(password_file),
+            "acl_file": str(ROOT / "mosquitto" / "acl"),
+            "persistence_location": f"{data}/",
+        },
+    ).start()
+    yield broker, password_file
+    broker.stop()
 
 
 @pytest.fixture
@@ -131,7 +190,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 class EmbeddedBroker:
     """The embedded amqtt broker, in a thread with its own event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: object = None) -> None:
+        self.security = security
         self.port = free_port()
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,7 +205,7 @@ class EmbeddedBroker:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            broker = await start_broker("127.0.0.1", self.port)
+            broker = await start_broker("127.0.0.1", self.port, self.security)  # type: ignore[arg-type]
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -175,12 +235,15 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
 
 
 @contextmanager
-def running_bridge(port: int, database_url: str, **settings: object) -> Iterator[object]:
+def running_bridge(
+    port: int, database_url: str, credentials: str = "", **settings: object
+) -> Iterator[object]:
     """The bridge, in this process, against the broker on `port`; ready when its status is online."""
     from bridge.cli import build_bridge
     from bridge.config import Settings
 
-    config = Settings(broker_url=f"mqtt://127.0.0.1:{port}", database_url=database_url, **settings)  # type: ignore[arg-type]
+    url = f"mqtt://{credentials + '@' if credentials else ''}127.0.0.1:{port}"
+    config = Settings(broker_url=url, database_url=database_url, **settings)  # type: ignore[arg-type]
     bridge = build_bridge(config)
     bridge.start()
     try:

@@ -202,3 +202,18 @@ def test_commands_are_acknowledged_only_after_commit(mosquitto: Mosquitto, tmp_p
         history = alice.request("get-messages", conversation_id="global", since_seq=0)["data"]["messages"]
         assert [m["body"] for m in history] == ["kept"]
     alice.stop()
+
+
+def test_a_retained_command_is_applied_once_never_replayed(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
+    with running_bridge(mosquitto.port, db):
+        alice.client.publish(
+            alice.topic("send-message"), b'{"conversation_id":"global","body":"sticky"}', qos=1, retain=True
+        ).wait_for_publish(10)
+        alice.next_of("message-added")
+    for _ in range(2):  # each start re-subscribes, and the broker hands over the retained copy again
+        with running_bridge(mosquitto.port, db):
+            history = alice.request("get-messages", conversation_id="global", since_seq=0)["data"]["messages"]
+            assert [m["body"] for m in history] == ["sticky"]
+    alice.stop()
