@@ -1,4 +1,4 @@
-"""One 'bridge process' for the thread race test: reads `reply <message_id>` lines, answers with the thread id.
+"""One 'bridge process' for the thread race: reads `reply <message_id>` lines, prints the thread id.
 
 Usage: python race_worker.py DATABASE_URL USER
 Prints `ready` once connected, then for each line `<thread id> <conflicts so far>`.
@@ -11,11 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import orjson  # noqa: E402
+import orjson
 
-from bridge.model import Conflict  # noqa: E402
-from bridge.service import Inbound, Service  # noqa: E402
-from bridge.sql import TRANSIENT_ERRORS, SqlStore, SqlUnitOfWork, make_engine  # noqa: E402
+from bridge.model import Conflict
+from bridge.service import Inbound, Service
+from bridge.sql import TRANSIENT_ERRORS, SqlStore, SqlUnitOfWork, make_engine
 
 conflicts = 0
 _add = SqlStore.add_conversation

@@ -3,6 +3,7 @@ config and against the embedded broker with --password-file."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,8 +49,6 @@ class Spy:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"spy-{name}-{id(self)}")
         self.client.username_pw_set(name, password or ACCOUNTS[name])
         self.client.on_message = lambda _c, _u, m: self.got.append((m.topic, m.payload))
-        import threading
-
         subscribed = threading.Event()
 
         def on_subscribe(_c: Any, _u: Any, _mid: Any, codes: Any, _p: Any) -> None:
@@ -70,26 +69,31 @@ class Spy:
 KINDS = ["mosquitto", "embedded"]
 
 
+def connect_result(port: int, username: str | None, password: str | None) -> Any:
+    """The CONNACK reason code, or None when the broker closed the connection without one."""
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    if username:
+        client.username_pw_set(username, password)
+    results: list[Any] = []
+    done = threading.Event()
+    client.on_connect = lambda _c, _u, _f, rc, _p: (results.append(rc), done.set())
+    client.on_disconnect = lambda *a: done.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    done.wait(10)
+    client.loop_stop()
+    return results[0] if results else None
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_wrong_password_and_anonymous_are_refused(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     with secured(kind, request, tmp_path) as port:
         for username, password in (("alice", "wrong"), ("nobody", "x"), (None, None)):
-            client = paho.Client(CallbackAPIVersion.VERSION2)
-            if username:
-                client.username_pw_set(username, password)
-            results: list[Any] = []
-            import threading
-
-            done = threading.Event()
-            client.on_connect = lambda _c, _u, _f, rc, _p: (results.append(rc), done.set())
-            client.on_disconnect = lambda *a: done.set()
-            client.connect("127.0.0.1", port)
-            client.loop_start()
-            done.wait(10)
-            client.loop_stop()
-            assert not results or results[0].is_failure, (username, results)
+            result = connect_result(port, username, password)
+            assert result is None or result.is_failure, (username, result)
+        assert not connect_result(port, "alice", ACCOUNTS["alice"]).is_failure
 
 
 @pytest.mark.parametrize("kind", KINDS)
