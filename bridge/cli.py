@@ -28,6 +28,7 @@ from .config import (
     check_prefix,
     parse_listen,
 )
+from .limits import RateLimiter
 from .model import User
 from .mqtt import MqttBridge, Topics
 from .protocol import ID_PATTERN
@@ -65,6 +66,13 @@ OPTIONS = (
         "embedded broker only: require the accounts of this Mosquitto password file and enforce "
         "mosquitto/acl's topic rules",
     ),
+    (
+        "--rate-limit",
+        "CHAT_BRIDGE_RATE_LIMIT",
+        "50",
+        "commands per second each user may send on average; 0: no limit",
+    ),
+    ("--rate-burst", "CHAT_BRIDGE_RATE_BURST", "200", "how many commands a user may send at once"),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 DEFAULT_PASSWORD_FILE = "mosquitto/passwd"
@@ -159,8 +167,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     parse_listen(args.listen)
     try:
         grace = float(args.session_grace)
+        rate, burst = float(args.rate_limit), int(args.rate_burst)
     except ValueError:
-        raise ConfigError(f"--session-grace takes seconds, not {args.session_grace!r}") from None
+        raise ConfigError(
+            "--session-grace and --rate-limit take numbers, --rate-burst a whole number"
+        ) from None
+    if rate < 0 or burst < 1:
+        raise ConfigError("--rate-limit must be 0 or more and --rate-burst at least 1")
     settings = Settings(
         broker_url=args.broker_url or None,
         listen=args.listen,
@@ -168,6 +181,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         topic_prefix=check_prefix(args.topic_prefix),
         session_grace=grace,
         password_file=args.password_file or None,
+        rate_limit=rate,
+        rate_burst=burst,
     )
     settings.broker()  # validates the URL
     return settings
@@ -199,6 +214,7 @@ def build_bridge(settings: Settings, broker: BrokerAddress | None = None) -> Mqt
         epoch=new_id("e"),
         max_payload=settings.max_payload,
         transient=TRANSIENT_ERRORS,
+        limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None,
     )
     return MqttBridge(
         service,

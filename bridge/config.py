@@ -66,6 +66,8 @@ class Settings:
     session_grace: float = 30.0
     keepalive: int = 30
     password_file: str | None = None
+    rate_limit: float = 50.0  # commands per second per user; 0 turns the limit off
+    rate_burst: int = 200
 
     def broker(self) -> BrokerAddress:
         if self.broker_url:

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from . import core
 from . import protocol as p
-from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, UnknownCommand
+from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, RateLimited, UnknownCommand
+from .limits import RateLimiter
 from .model import Conflict, Store, UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Service:
         clock: Callable[[], int] = wall_clock_ms,
         ids: Callable[[str], str] = new_id,
         transient: tuple[type[BaseException], ...] = (),
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.uow = uow
         self.epoch = epoch
@@ -90,6 +92,7 @@ class Service:
         self.clock = clock
         self.ids = ids
         self.transient = transient  # storage outages: propagate so the batch is retried, never answered
+        self.limiter = limiter
 
     def handle_batch(self, items: Sequence[Inbound]) -> list[core.Delivery]:
         """Applies the commands in order in one transaction; returns what to publish after it committed."""
@@ -132,6 +135,10 @@ class Service:
         command_name = item.command if item.command in p.COMMANDS else None
         request_id = None
         try:
+            if self.limiter is not None and item.command != "disconnect":  # wills always go through
+                wait = self.limiter.take(item.user_id, self.clock())
+                if wait:
+                    raise RateLimited(f"too many commands; retry in {wait:.3f}s", retry_after=wait)
             cmd = parse(item, self.max_payload)
             request_id = cmd.request_id
             return self._apply(store, item.user_id, cmd)

@@ -243,6 +243,7 @@ def running_bridge(
     from bridge.config import Settings
 
     url = f"mqtt://{credentials + '@' if credentials else ''}127.0.0.1:{port}"
+    settings.setdefault("rate_limit", 0)  # bursts in tests are deliberate; the limit has tests of its own
     config = Settings(broker_url=url, database_url=database_url, **settings)  # type: ignore[arg-type]
     bridge = build_bridge(config)
     bridge.start()

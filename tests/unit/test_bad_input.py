@@ -98,3 +98,52 @@ def test_a_handler_crash_is_answered_internal_and_rolled_back(
     out = w.do("alice", "send-message", conversation_id="global", body="x")
     assert out.error == "internal"
     assert snapshot(w) == before
+
+
+def test_rate_limit_answers_rate_limited_with_retry_after_and_changes_nothing() -> None:
+    from bridge.limits import RateLimiter
+
+    w = World()
+    w.service.limiter = RateLimiter(rate=2, burst=3)
+    w.now = 1_000_000  # the fake clock advances 1 ms per reading
+    sent = [
+        w.do("alice", "send-message", conversation_id="global", body=f"m{i}", request_id=f"q{i}")
+        for i in range(5)
+    ]
+    assert [o.answer["type"] for o in sent] == ["message-added"] * 3 + ["error"] * 2
+    limited = sent[3].answer
+    assert limited["request_id"] == "q3" and limited["data"]["code"] == "rate-limited"
+    assert limited["data"]["command"] == "send-message"
+    assert 0.4 < limited["data"]["retry_after"] <= 0.5
+    # bob is not affected by alice's flood; alice's will still goes through
+    assert w.do("bob", "send-message", conversation_id="global", body="hi").answer["type"] == "message-added"
+    w.do("alice", "connect", session_id="a2")  # (limited, but disconnect below is exempt)
+    w.now += 10_000
+    assert (
+        w.do("alice", "send-message", conversation_id="global", body="later").answer["type"]
+        == "message-added"
+    )
+    history = w.do("bob", "get-messages", conversation_id="global", since_seq=0).data["messages"]
+    assert [m["body"] for m in history] == ["m0", "m1", "m2", "hi", "later"]
+
+
+def test_disconnect_is_never_rate_limited() -> None:
+    from bridge.limits import RateLimiter
+
+    w = World()
+    w.service.limiter = RateLimiter(rate=1, burst=1)
+    w.do("alice", "connect", session_id="a1")
+    w.do("bob", "connect", session_id="b1")
+    assert w.do("alice", "get-active-users").error == "rate-limited"
+    out = w.do("alice", "disconnect", session_id="a1", reason="lost")
+    assert out.recipients("user-disconnected") == ["bob"]
+
+
+def test_idle_buckets_are_forgotten() -> None:
+    from bridge.limits import RateLimiter
+
+    limiter = RateLimiter(rate=10, burst=10, max_tracked=3)
+    for i in range(3):
+        limiter.take(f"u{i}", 0)
+    limiter.take("late", 5_000)  # the others refilled long ago
+    assert set(limiter._buckets) == {"late"}

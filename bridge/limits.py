@@ -1,0 +1,43 @@
+"""Per-user rate limiting: a token bucket per sender, checked before any parsing or database work."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at_ms: int
+
+
+class RateLimiter:
+    """`rate` commands per second on average, bursts of up to `burst`; time comes from the caller."""
+
+    def __init__(self, rate: float, burst: int, max_tracked: int = 100_000) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_tracked = max_tracked
+        self._buckets: dict[str, _Bucket] = {}
+
+    def take(self, user_id: str, now_ms: int) -> float:
+        """Takes one token; returns 0 when allowed, else the seconds until one is available."""
+        bucket = self._buckets.get(user_id)
+        if bucket is None:
+            if len(self._buckets) >= self.max_tracked:
+                self._forget_idle(now_ms)
+            bucket = self._buckets[user_id] = _Bucket(self.burst, now_ms)
+        bucket.tokens = min(self.burst, bucket.tokens + (now_ms - bucket.at_ms) / 1000 * self.rate)
+        bucket.at_ms = now_ms
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return 0.0
+        return math.ceil((1 - bucket.tokens) / self.rate * 1000) / 1000
+
+    def _forget_idle(self, now_ms: int) -> None:
+        """Drops buckets that have refilled completely: they hold no information."""
+        full_after = self.burst / self.rate * 1000
+        self._buckets = {u: b for u, b in self._buckets.items() if now_ms - b.at_ms < full_after}
