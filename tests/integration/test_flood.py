@@ -47,3 +47,41 @@ def test_flooder_is_limited_while_others_chat(mosquitto: Mosquitto, tmp_path: ob
         assert len(stored) == flood - len(limited) < flood
         for c in (mallory, bob, alice):
             c.stop()
+
+
+def test_garbage_on_every_command_topic_never_stops_the_bridge(
+    mosquitto: Mosquitto, tmp_path: object
+) -> None:
+    import random
+
+    from bridge.protocol import COMMANDS
+
+    rng = random.Random(1)
+    with running_bridge(mosquitto.port, f"sqlite:///{tmp_path}/c.sqlite3"):
+        mallory = ChatClient("mallory", "127.0.0.1", mosquitto.port).start()
+        sent = 0
+        for name in [*COMMANDS, "no-such-command", "x" * 300]:
+            for _ in range(20):
+                junk = rng.choice(
+                    [
+                        rng.randbytes(rng.randrange(0, 200)),
+                        b"{" * 1000,
+                        b"[]",
+                        b"null",
+                        b'{"request_id": {"a": 1}}',
+                        b'{"body": "' + b"x" * 70_000 + b'"}',
+                    ]
+                )
+                mallory.client.publish(mallory.topic(name), junk, qos=1)
+                sent += 1
+        errors = [
+            mallory.next_of("error", timeout=30) for _ in range(sent - 20)
+        ]  # disconnect junk may be silent
+        assert {e["data"]["code"] for e in errors} <= {
+            "bad-request",
+            "unknown-command",
+            "payload-too-large",
+            "not-found",
+        }
+        assert mallory.connect_chat()["type"] == "connected"  # still serving
+        mallory.stop()
