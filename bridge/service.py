@@ -95,12 +95,27 @@ class Service:
         self.limiter = limiter
 
     def handle_batch(self, items: Sequence[Inbound]) -> list[core.Delivery]:
-        """Applies the commands in order in one transaction; returns what to publish after it committed."""
+        """Applies the commands in order in one transaction; returns what to publish after it committed.
+
+        Commands over their sender's rate limit are refused before any parsing or storage work.
+        """
         out: list[core.Delivery] = []
         with self.uow.transaction() as store:
             for item in items:
-                out.extend(self._handle(store, item))
+                refused = self.refusal(item)
+                out.extend([refused] if refused else self._handle(store, item))
         return out
+
+    def refusal(self, item: Inbound) -> core.Delivery | None:
+        """The `rate-limited` answer when the sender is over its limit, else None. Needs no storage."""
+        if self.limiter is None or item.command == "disconnect":  # wills always go through
+            return None
+        wait = self.limiter.take(item.user_id, self.clock())
+        if not wait:
+            return None
+        error = RateLimited(f"too many commands; retry in {wait:.3f}s", retry_after=wait)
+        command = item.command if item.command in p.COMMANDS else None
+        return self._error(item.user_id, error, command, request_id_of(item.payload))
 
     def handle(self, item: Inbound) -> list[core.Delivery]:
         return self.handle_batch([item])
@@ -135,10 +150,6 @@ class Service:
         command_name = item.command if item.command in p.COMMANDS else None
         request_id = None
         try:
-            if self.limiter is not None and item.command != "disconnect":  # wills always go through
-                wait = self.limiter.take(item.user_id, self.clock())
-                if wait:
-                    raise RateLimited(f"too many commands; retry in {wait:.3f}s", retry_after=wait)
             cmd = parse(item, self.max_payload)
             request_id = cmd.request_id
             return self._apply(store, item.user_id, cmd)

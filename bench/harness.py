@@ -1,0 +1,81 @@
+"""Shared by the benchmarks: a Mosquitto on a free port, the bridge as a subprocess, latency figures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mosquitto(
+    workdir: Path, conf: Path = ROOT / "mosquitto" / "dev.conf"
+) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith(("listener ", "user "))]
+    if os.geteuid() == 0:
+        lines.insert(0, "user root")
+    path = workdir / "mosquitto.conf"
+    path.write_text(f"listener {port} 127.0.0.1\n" + "\n".join(lines) + "\nlog_type information\n")
+    proc = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_line(proc, " running")
+    return proc, port
+
+
+def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> None:
+    found = threading.Event()
+    stream = proc.stderr if proc.stderr is not None else proc.stdout
+    assert stream is not None
+
+    def read() -> None:
+        for line in stream:
+            if text in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout) or proc.poll() is not None:
+        raise RuntimeError(f"process never printed {text!r}")
+
+
+def start_bridge(port: int, database_url: str | None = None, *extra: str) -> subprocess.Popen[str]:
+    db = database_url or f"sqlite:///{tempfile.mkdtemp(prefix='chat-bench-')}/bench.sqlite3"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "serve",
+            "--broker-url",
+            f"mqtt://127.0.0.1:{port}",
+            "--database-url",
+            db,
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    wait_for_line(proc, "bridge online")
+    return proc
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
