@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import percentile, start_bridge, start_mosquitto  # noqa: E402
+from harness import percentile, start_bridge, start_mosquitto
 
 
 def client(user: str, port: int, on_message: object = None) -> paho.Client:
@@ -143,9 +143,8 @@ def main() -> None:
     print(f"bob: {args.rate:g} msg/s for {args.seconds:g} s, send-message -> answer (ms)")
     print(f"{'phase':14} {'answered':>9} {'p50':>7} {'p99':>7} {'max':>7}")
     for name, lat in rows.items():
-        print(
-            f"{name:14} {len(lat):9d} {percentile(lat, 0.5):7.2f} {percentile(lat, 0.99):7.2f} {max(lat):7.2f}"
-        )
+        p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
+        print(f"{name:14} {len(lat):9d} {p50:7.2f} {p99:7.2f} {max(lat):7.2f}")
     print(
         f"mallory: {flooded['sent']} publish calls (most never left paho's own queue); reached the bridge: "
         f"{flooded['ok'] + flooded['limited']}, applied {flooded['ok']}, rate-limited {flooded['limited']} "

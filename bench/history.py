@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 from sqlalchemy import insert, update
 
+from bridge.protocol import iso_ms
 from bridge.service import Inbound, Service
 from bridge.sql import SqlUnitOfWork, conversations, init_db, make_engine, messages, participants, users
 
@@ -74,10 +75,9 @@ def timed(service: Service, command: str, fields: dict[str, object], repeat: int
 
 
 def cases(n: int) -> list[tuple[str, str, dict[str, object]]]:
-    iso = lambda seq: (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((T0 + seq * 10) / 1000))
-        + (f".{(T0 + seq * 10) % 1000:03d}Z")
-    )
+    def iso(seq: int) -> str:
+        return iso_ms(T0 + seq * 10)
+
     return [
         ("get-messages first", "get-messages", {"since_seq": 0}),
         ("get-messages middle", "get-messages", {"since_seq": n // 2}),
@@ -109,7 +109,7 @@ def main() -> None:
     service = Service(SqlUnitOfWork(engine), epoch="bench")
     rows = []
     print(
-        f"\n{'query (page of %d)' % PAGE:34} {'1M conv ms' if args.messages == 1_000_000 else 'big ms':>12}"
+        f"\n{f'query (page of {PAGE})':34} {'1M conv ms' if args.messages == 1_000_000 else 'big ms':>12}"
         f" {'100-msg ms':>11} {'ratio':>6}"
     )
     for (label, command, fields), (_, _, small_fields) in zip(cases(args.messages), cases(100), strict=True):
