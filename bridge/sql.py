@@ -9,17 +9,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Column,
     Index,
+    Integer,
+    LargeBinary,
     Text,
     UniqueConstraint,
     delete,
     event,
     insert,
+    inspect,
     select,
     update,
 )
@@ -54,14 +58,18 @@ class SessionRow(SQLModel, table=True):
 
 class ConversationRow(SQLModel, table=True):
     __tablename__ = "conversations"
+    # Unique: one thread per root message, one direct conversation per pair, enforced by the database.
+    __table_args__ = (
+        Index("ix_conversations_parent_message_id", "parent_message_id", unique=True),
+        Index("ix_conversations_direct_key", "direct_key", unique=True),
+    )
     conversation_id: str = Field(primary_key=True, max_length=64)
     kind: str = Field(max_length=16)
     title: str | None = Field(default=None, max_length=200)
     owner_id: str | None = Field(default=None, max_length=64)
     parent_conversation_id: str | None = Field(default=None, max_length=64, index=True)
-    # Unique: one thread per root message, one direct conversation per pair, enforced by the database.
-    parent_message_id: str | None = Field(default=None, max_length=64, unique=True)
-    direct_key: str | None = Field(default=None, max_length=129, unique=True)
+    parent_message_id: str | None = Field(default=None, max_length=64)
+    direct_key: str | None = Field(default=None, max_length=129)
     created_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
     last_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
 
@@ -89,11 +97,29 @@ class MessageRow(SQLModel, table=True):
     created_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
+class OutboxRow(SQLModel, table=True):
+    """Events committed with the changes they report, waiting to be (or being) published."""
+
+    __tablename__ = "outbox"
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    batch: str = Field(max_length=32, index=True)
+    kind: str = Field(max_length=16)
+    key: str = Field(max_length=64)
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    retain: bool = Field(default=False)
+
+
 users = UserRow.__table__  # type: ignore[attr-defined]
 sessions = SessionRow.__table__  # type: ignore[attr-defined]
 conversations = ConversationRow.__table__  # type: ignore[attr-defined]
 participants = ParticipantRow.__table__  # type: ignore[attr-defined]
 messages = MessageRow.__table__  # type: ignore[attr-defined]
+outbox = OutboxRow.__table__  # type: ignore[attr-defined]
 
 _CONV_COLS = (
     conversations.c.conversation_id,
@@ -425,9 +451,27 @@ class SqlUnitOfWork:
             yield SqlStore(conn)
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Brings the schema to `revision` with the Alembic migrations shipped in the package."""
+    from alembic import command
+    from alembic.config import Config
+
+    with engine.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = conn
+        tables = inspect(conn).get_table_names()
+        if "messages" in tables and "alembic_version" not in tables:
+            command.stamp(config, "0001")  # created by create_all before migrations existed
+        command.upgrade(config, revision)
+
+
 def init_db(engine: Engine, now_ms: int) -> None:
-    """Creates the tables and the global conversation when missing."""
-    SQLModel.metadata.create_all(engine)
+    """Migrates the schema to the newest and creates the global conversation when missing."""
+    migrate(engine)
     with engine.begin() as conn:
         exists = conn.execute(
             select(conversations.c.conversation_id).where(conversations.c.conversation_id == GLOBAL_ID)
