@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if args.command == "users":
             return users_command(args)

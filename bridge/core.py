@@ -37,6 +37,7 @@ class Context:
     epoch: str = ""
     request_id: str | None = None
     out: list[Delivery] = field(default_factory=list)
+    last_answer: p.Event | None = None  # broadcast copies of the same event share its event_id
 
     @property
     def ts(self) -> str:
@@ -44,14 +45,20 @@ class Context:
 
     # Events are assembled from already-validated parts, so they skip validation (model_construct).
     def answer(self, event_type: type[p.Event], data: Any) -> None:
-        event = event_type.model_construct(ts=self.ts, request_id=self.request_id, data=data)
+        event = event_type.model_construct(
+            ts=self.ts, request_id=self.request_id, event_id=self.new_id("v"), data=data
+        )
         self.out.append(Delivery("inbox", self.sender, event))
+        self.last_answer = event
 
     def notify(
         self, event_type: type[p.Event], data: Any, users: Iterable[str], conversation_id: str | None = None
     ) -> None:
         """One broadcast copy (request_id null) to each user, and to the conversation's topic."""
-        event = event_type.model_construct(ts=self.ts, request_id=None, data=data)
+        answered = self.last_answer
+        same = answered is not None and type(answered) is event_type and answered.data is data
+        event_id = answered.event_id if answered is not None and same else self.new_id("v")
+        event = event_type.model_construct(ts=self.ts, request_id=None, event_id=event_id, data=data)
         self.out.extend(Delivery("inbox", u, event) for u in users)
         if conversation_id is not None:
             self.out.append(Delivery("conversation", conversation_id, event))

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, Store, User
+from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, OutboxEntry, Store, User
 
 
 @dataclass
@@ -21,6 +21,7 @@ class _State:
     messages: dict[str, list[Message]] = field(default_factory=dict)
     message_index: dict[str, Message] = field(default_factory=dict)
     client_ids: dict[tuple[str, str, str], Message] = field(default_factory=dict)
+    outbox: list[OutboxEntry] = field(default_factory=list)
 
 
 class MemoryStore:
@@ -176,6 +177,17 @@ class MemoryStore:
         if before_seq is not None:
             rows = [m for m in rows if m.seq < before_seq]
         return list(reversed(rows[-limit:])) if limit else []
+
+    # the transactional outbox
+    def add_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        self._s.outbox.extend(entries)
+
+    def forget_outbox(self, batches: Sequence[str]) -> None:
+        done = set(batches)
+        self._s.outbox = [e for e in self._s.outbox if e.batch not in done]
+
+    def pending_outbox(self) -> list[OutboxEntry]:
+        return list(self._s.outbox)
 
 
 class MemoryUnitOfWork:

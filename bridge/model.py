@@ -66,6 +66,17 @@ def direct_key(a: str, b: str) -> str:
     return f"{low}/{high}"
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One serialized event for one destination, stored with the changes it reports."""
+
+    kind: str
+    key: str
+    payload: bytes
+    retain: bool
+    batch: str = ""
+
+
 class Conflict(Exception):
     """A uniqueness rule was hit by a concurrent writer; the command may be retried."""
 
@@ -137,6 +148,16 @@ class Store(Protocol):
 
     def messages_before_seq(self, conversation_id: str, before_seq: int | None, limit: int) -> list[Message]:
         """The newest `limit` messages with seq < before_seq (all when None), descending."""
+        ...
+
+    # the transactional outbox
+    def add_outbox(self, entries: Sequence[OutboxEntry]) -> None: ...
+    def forget_outbox(self, batches: Sequence[str]) -> None:
+        """Deletes the entries of batches whose publishing the broker acknowledged."""
+        ...
+
+    def pending_outbox(self) -> list[OutboxEntry]:
+        """Every entry not yet forgotten, oldest first."""
         ...
 
 

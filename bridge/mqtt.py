@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import orjson
 import paho.mqtt.client as paho
@@ -25,9 +26,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from . import protocol as p
 from .config import BrokerAddress
-from .core import Delivery
+from .model import OutboxEntry
 from .protocol import ID_PATTERN
-from .service import Inbound, Service
+from .service import Batch, Inbound, Service
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,26 @@ class Topics:
     def presence(self, user_id: str) -> str:
         return f"{self.prefix}/presence/{user_id}"
 
-    def of(self, delivery: Delivery) -> str:
-        if delivery.kind == "inbox":
-            return self.inbox(delivery.key)
-        if delivery.kind == "conversation":
-            return self.conversation(delivery.key)
-        return self.presence(delivery.key)
+    def of(self, kind: str, key: str) -> str:
+        if kind == "inbox":
+            return self.inbox(key)
+        if kind == "conversation":
+            return self.conversation(key)
+        return self.presence(key)
+
+
+def acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged a QoS 1 publish.
+
+    paho keeps a message published while disconnected and sends it after reconnecting, but its
+    `is_published()` raises for it forever (rc stays MQTT_ERR_NO_CONN): read the flag regardless.
+    """
+    if info.rc == paho.MQTT_ERR_NO_CONN:
+        info.rc = paho.MQTT_ERR_SUCCESS
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
 
 
 class _Abandoned(Exception):
@@ -100,11 +117,12 @@ class MqttBridge:
         self.batch_max = batch_max
         self.is_transient = is_transient
         self.ready = threading.Event()
-        self._queue: queue.SimpleQueue[_Received | Callable[[], list[Delivery]] | None] = queue.SimpleQueue()
+        self._queue: queue.Queue[_Received | Callable[[], Batch] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._since = p.iso_ms(service.clock())
         self._grace_timer: threading.Timer | None = None
         self._worker = threading.Thread(target=self._work, name="bridge-worker", daemon=True)
+        self._in_flight: list[tuple[str, list[paho.MQTTMessageInfo]]] = []
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -202,45 +220,99 @@ class MqttBridge:
     # --- worker ----------------------------------------------------------------
 
     def _work(self) -> None:
+        """The worker loop. An unexpected error is logged and the loop goes on: never a silent dead worker."""
+        self._recover()
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if callable(item):
-                try:
-                    self._publish(self._retrying(item))
-                except _Abandoned:
-                    return
-                continue
-            batch = [item]
-            while len(batch) < self.batch_max:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if not isinstance(nxt, _Received):
-                    self._queue.put(nxt)  # keep internal jobs and the stop signal for the next round
-                    break
-                batch.append(nxt)
-            inbound = [r.inbound for r in batch]
             try:
-                deliveries = self._retrying(
-                    partial(self.service.handle_batch, inbound),
-                    partial(self.service.internal_errors, inbound),
+                if not self._step():
+                    return
+            except Exception:
+                log.exception(
+                    "the worker hit an unexpected error; unacknowledged commands will be redelivered"
                 )
-            except _Abandoned:
-                log.warning(
-                    "stopped with %d command(s) uncommitted; the broker will redeliver them", len(batch)
-                )
-                return
-            self._publish(deliveries)
-            for r in batch:
-                if r.qos:
-                    self.client.ack(r.mid, r.qos)
+                self._stopping.wait(1.0)
 
-    def _retrying(
-        self, job: Callable[[], list[Delivery]], fallback: Callable[[], list[Delivery]] = list
-    ) -> list[Delivery]:
+    def _step(self) -> bool:
+        """Handles one batch or job; False when the bridge is stopping."""
+        try:
+            item = self._queue.get(timeout=1.0)
+        except queue.Empty:
+            self._forget_published()  # idle: tidy the outbox
+            return True
+        if item is None:
+            return False
+        try:
+            if callable(item):
+                self._send(self._retrying(item))
+                return True
+            batch = self._gather(item)
+            inbound = [r.inbound for r in batch]
+            result = self._retrying(
+                partial(self.service.handle_batch, inbound, self._published()),
+                partial(self.service.internal_errors, inbound),
+            )
+        except _Abandoned:
+            log.warning("stopped with uncommitted commands in hand; the broker will redeliver them")
+            return False
+        self._send(result)
+        for r in batch:
+            if r.qos:
+                self.client.ack(r.mid, r.qos)
+        return True
+
+    def _gather(self, first: _Received) -> list[_Received]:
+        """The first command and whatever else already waits, up to batch_max: one transaction."""
+        batch = [first]
+        while len(batch) < self.batch_max:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(nxt, _Received):
+                self._queue.put(nxt)  # internal jobs and the stop signal wait for the next round
+                break
+            batch.append(nxt)
+        return batch
+
+    def _recover(self) -> None:
+        """Publishes what an earlier run committed but may not have published (same bytes, same event ids)."""
+        try:
+            pending = self._retrying(self.service.pending)
+        except _Abandoned:
+            return
+        if pending:
+            log.info("publishing %d event(s) left in the outbox by the previous run", len(pending))
+        by_batch: dict[str, list[OutboxEntry]] = {}
+        for entry in pending:
+            by_batch.setdefault(entry.batch, []).append(entry)
+        for batch_id, entries in by_batch.items():
+            self._send(Batch(batch_id, [], entries))
+
+    def _send(self, batch: Batch) -> None:
+        infos = [
+            self.client.publish(self.topics.of(e.kind, e.key), e.payload, qos=1, retain=e.retain)
+            for e in batch.entries
+        ]
+        if batch.id and infos:
+            self._in_flight.append((batch.id, infos))
+
+    def _published(self) -> list[str]:
+        """Batches whose every event the broker has acknowledged; they leave the outbox next commit."""
+        done = [b for b, infos in self._in_flight if all(map(acknowledged, infos))]
+        if done:
+            finished = set(done)
+            self._in_flight = [(b, i) for b, i in self._in_flight if b not in finished]
+        return done
+
+    def _forget_published(self) -> None:
+        done = self._published()
+        if done:
+            try:
+                self._retrying(partial(self.service.forget, done))
+            except _Abandoned:
+                return
+
+    def _retrying(self, job: Callable[[], T], fallback: Callable[[], T] | None = None) -> T:
         """Runs the job until it commits; while storage is down nothing is acknowledged.
 
         A failure that is not an outage is retried a few times, then answered by `fallback`.
@@ -259,17 +331,8 @@ class MqttBridge:
                 else:
                     failures += 1
                     log.exception("a batch failed to commit (attempt %d)", failures)
-                    if failures >= 3:
+                    if failures >= 3 and fallback is not None:
                         return fallback()
                 if self._stopping.wait(delay):
                     raise _Abandoned from None  # stopping mid-outage: leave the commands unacknowledged
                 delay = min(delay * 2, 10.0)
-
-    def _publish(self, deliveries: list[Delivery]) -> None:
-        encoded: dict[int, bytes] = {}
-        for d in deliveries:
-            key = id(d.payload)
-            payload = encoded.get(key)
-            if payload is None:
-                payload = encoded[key] = d.payload.model_dump_json().encode()
-            self.client.publish(self.topics.of(d), payload, qos=1, retain=d.kind == "presence")

@@ -201,6 +201,10 @@ class Event(WireModel):
         description="the answered command's request_id on the sender's copy; null on every other copy",
     )
     ts: Timestamp
+    event_id: str = Field(
+        description="unique per event (an answer and its broadcast copies share it); an event published "
+        "again after a crash carries the same id, so clients drop ids they have seen",
+    )
     data: Any
 
 

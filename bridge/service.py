@@ -19,7 +19,7 @@ from . import core
 from . import protocol as p
 from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, RateLimited, UnknownCommand
 from .limits import RateLimiter
-from .model import Conflict, Store, UnitOfWork
+from .model import Conflict, OutboxEntry, Store, UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,27 @@ def new_id(prefix: str) -> str:
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one transaction produced: the deliveries, and the same serialized as outbox entries."""
+
+    id: str
+    deliveries: list[core.Delivery]
+    entries: list[OutboxEntry]
+
+
+def encode(deliveries: Sequence[core.Delivery], batch: str) -> list[OutboxEntry]:
+    """Serializes each event once, however many recipients share it."""
+    encoded: dict[int, bytes] = {}
+    entries = []
+    for d in deliveries:
+        payload = encoded.get(id(d.payload))
+        if payload is None:
+            payload = encoded[id(d.payload)] = d.payload.model_dump_json().encode()
+        entries.append(OutboxEntry(d.kind, d.key, payload, d.kind == "presence", batch))
+    return entries
 
 
 def parse(item: Inbound, max_payload: int) -> p.Command:
@@ -94,17 +115,39 @@ class Service:
         self.transient = transient  # storage outages: propagate so the batch is retried, never answered
         self.limiter = limiter
 
-    def handle_batch(self, items: Sequence[Inbound]) -> list[core.Delivery]:
-        """Applies the commands in order in one transaction; returns what to publish after it committed.
+    def handle_batch(self, items: Sequence[Inbound], published: Sequence[str] = ()) -> Batch:
+        """Applies the commands in order in one transaction, which also stores their events in the
+        outbox and forgets the `published` batches; returns what to publish once it committed.
 
         Commands over their sender's rate limit are refused before any parsing or storage work.
         """
         out: list[core.Delivery] = []
         with self.uow.transaction() as store:
+            store.forget_outbox(published)
             for item in items:
                 refused = self.refusal(item)
                 out.extend([refused] if refused else self._handle(store, item))
-        return out
+            batch = self._outbox(store, out)
+        return batch
+
+    def handle(self, item: Inbound) -> list[core.Delivery]:
+        return self.handle_batch([item]).deliveries
+
+    def forget(self, published: Sequence[str]) -> None:
+        """Drops the outbox entries of batches the broker has acknowledged."""
+        with self.uow.transaction() as store:
+            store.forget_outbox(published)
+
+    def pending(self) -> list[OutboxEntry]:
+        """Events committed but maybe never published (the bridge stopped in between), oldest first."""
+        with self.uow.transaction() as store:
+            return store.pending_outbox()
+
+    def _outbox(self, store: Store, deliveries: list[core.Delivery]) -> Batch:
+        batch_id = self.ids("b")
+        batch = Batch(batch_id, deliveries, encode(deliveries, batch_id))
+        store.add_outbox(batch.entries)
+        return batch
 
     def refusal(self, item: Inbound) -> core.Delivery | None:
         """The `rate-limited` answer when the sender is over its limit, else None. Needs no storage."""
@@ -117,13 +160,10 @@ class Service:
         command = item.command if item.command in p.COMMANDS else None
         return self._error(item.user_id, error, command, request_id_of(item.payload))
 
-    def handle(self, item: Inbound) -> list[core.Delivery]:
-        return self.handle_batch([item])
-
-    def internal_errors(self, items: Sequence[Inbound]) -> list[core.Delivery]:
-        """Answers for commands whose batch could not be committed at all."""
+    def internal_errors(self, items: Sequence[Inbound]) -> Batch:
+        """Answers for commands whose batch could not be committed at all (not stored: no outbox)."""
         failure = InternalError("the bridge failed to apply the command; nothing was done")
-        return [
+        errors = [
             self._error(
                 item.user_id,
                 failure,
@@ -133,15 +173,17 @@ class Service:
             for item in items
             if item.command != "disconnect"
         ]
+        return Batch("", errors, encode(errors, ""))
 
-    def expire_sessions(self) -> list[core.Delivery]:
+    def expire_sessions(self) -> Batch:
         """Ends sessions that were not re-announced since this bridge started."""
         with self.uow.transaction() as store:
             ctx = self._context(store, "", None)
             count = core.expire_sessions(ctx)
+            batch = self._outbox(store, ctx.out)
         if count:
             log.info("ended %d session(s) not re-announced after the restart", count)
-        return ctx.out
+        return batch
 
     def _context(self, store: Store, sender: str, request_id: str | None) -> core.Context:
         return core.Context(store, sender, self.clock(), self.ids, self.epoch, request_id)
@@ -191,5 +233,5 @@ class Service:
             command=command,
             retry_after=retry_after,
         )
-        event = p.Error(ts=p.iso_ms(self.clock()), request_id=request_id, data=data)
+        event = p.Error(ts=p.iso_ms(self.clock()), request_id=request_id, event_id=self.ids("v"), data=data)
         return core.Delivery("inbox", user_id, event)

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlmodel import Field, SQLModel, create_engine
 
-from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, Store, User
+from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, OutboxEntry, Store, User
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +417,29 @@ class SqlStore:
         if before_seq is not None:
             query = query.where(messages.c.seq < before_seq)
         return _msgs(self.c.execute(query.order_by(messages.c.seq.desc()).limit(limit)).all())
+
+    # the transactional outbox
+    def add_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        if entries:
+            self.c.execute(
+                insert(outbox),
+                [
+                    {"batch": e.batch, "kind": e.kind, "key": e.key, "payload": e.payload, "retain": e.retain}
+                    for e in entries
+                ],
+            )
+
+    def forget_outbox(self, batches: Sequence[str]) -> None:
+        if batches:
+            self.c.execute(delete(outbox).where(outbox.c.batch.in_(list(batches))))
+
+    def pending_outbox(self) -> list[OutboxEntry]:
+        rows = self.c.execute(
+            select(outbox.c.kind, outbox.c.key, outbox.c.payload, outbox.c.retain, outbox.c.batch).order_by(
+                outbox.c.id
+            )
+        ).all()
+        return [OutboxEntry(r.kind, r.key, bytes(r.payload), bool(r.retain), r.batch) for r in rows]
 
 
 def make_engine(url: str) -> Engine:

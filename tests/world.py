@@ -33,6 +33,14 @@ class World:
         fields.setdefault("request_id", "r")
         return self.raw(user, command, orjson.dumps(fields))
 
+    def state(self) -> object:
+        """The chat state of the in-memory store, without the outbox (events waiting to be published)."""
+        import copy
+        import dataclasses
+
+        store = self.uow.store  # type: ignore[attr-defined]
+        return dataclasses.replace(copy.deepcopy(store._s), outbox=[])
+
     def restart(self, epoch: str) -> None:
         self.service = Service(self.uow, epoch=epoch, clock=self.clock, ids=self.service.ids)
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -217,3 +218,71 @@ def test_a_retained_command_is_applied_once_never_replayed(mosquitto: Mosquitto,
             history = alice.request("get-messages", conversation_id="global", since_seq=0)["data"]["messages"]
             assert [m["body"] for m in history] == ["sticky"]
     alice.stop()
+
+
+def test_events_committed_but_never_published_are_published_by_the_next_bridge(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Crash after commit, before publish: the outbox keeps the events; the next start publishes them."""
+    from sqlalchemy import select
+
+    from bridge.sql import make_engine, outbox
+
+    db = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
+    bob = ChatClient("bob", "127.0.0.1", mosquitto.port).start()
+    with running_bridge(mosquitto.port, db) as bridge:
+        alice.connect_chat()
+        bob.connect_chat()
+        cid = alice.request("create-conversation", kind="direct", participants=["bob"])["data"][
+            "conversation"
+        ]["conversation_id"]
+        bob.next_of("conversation-created")
+        bridge._send = lambda batch: None  # type: ignore[attr-defined]  # dies before publishing, after commit
+        alice.send(
+            "send-message", conversation_id=cid, body="committed, not yet published", request_id="lost?"
+        )
+        with pytest.raises(TimeoutError):
+            alice.answer("lost?", timeout=2)
+    engine = make_engine(db)
+    with engine.connect() as conn:
+        stored = [r.payload for r in conn.execute(select(outbox)).all() if b"committed, not yet" in r.payload]
+    engine.dispose()
+    assert len(stored) == 3  # alice's answer, bob's copy, the conversation topic
+    with running_bridge(mosquitto.port, db):
+        answer = alice.answer("lost?", timeout=15)
+        assert answer["type"] == "message-added"
+        copy = bob.next_of("message-added", timeout=15)
+        assert copy["data"] == answer["data"] and copy["event_id"] == answer["event_id"]
+        assert answer["event_id"] in stored[0].decode()
+    alice.stop()
+    bob.stop()
+
+
+def test_the_outbox_is_emptied_once_the_broker_acknowledged(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    from sqlalchemy import func, select
+
+    from bridge.sql import make_engine, outbox
+
+    db = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    with running_bridge(mosquitto.port, db):
+        alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
+        alice.connect_chat()
+        for i in range(20):
+            alice.request("send-message", conversation_id="global", body=f"m{i}")
+        engine = make_engine(db)
+        left = threading.Event()
+
+        def empty() -> bool:
+            with engine.connect() as conn:
+                return conn.execute(select(func.count()).select_from(outbox)).scalar() == 0
+
+        # the worker forgets acknowledged batches with the next commit or when idle (within about a second)
+        for _ in range(100):
+            if empty():
+                left.set()
+                break
+            left.wait(0.1)
+        assert left.is_set(), "the outbox kept events the broker had acknowledged"
+        engine.dispose()
+        alice.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 from world import World
 
@@ -12,7 +10,7 @@ from bridge.memory import MemoryUnitOfWork
 
 def snapshot(w: World) -> object:
     assert isinstance(w.uow, MemoryUnitOfWork)
-    return copy.deepcopy(w.uow.store._s)
+    return w.state()
 
 
 @pytest.fixture

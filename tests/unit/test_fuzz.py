@@ -5,7 +5,6 @@ The bridge must never crash; every invalid payload gets exactly one error and ch
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
@@ -102,14 +101,14 @@ def payloads(name: str) -> st.SearchStrategy[bytes]:
 def check(w: World, user: str, name: str, payload: bytes) -> None:
     TRIED[name] = TRIED.get(name, 0) + 1
     assert isinstance(w.uow, MemoryUnitOfWork)
-    before = copy.deepcopy(w.uow.store._s)
+    before = w.state()
     out = w.raw(user, name, payload)  # must not raise
     rid = request_id_of(payload)
     errors = [e for e in out.inbox(user) if e["type"] == "error"]
     if errors:
         assert len(out.deliveries) == 1 and len(errors) == 1, out.deliveries
         assert errors[0]["data"]["code"] in ("bad-request", "not-found", "forbidden")
-        assert w.uow.store._s == before, "an invalid command changed state"
+        assert w.state() == before, "an invalid command changed state"
     else:
         ACCEPTED[name] = ACCEPTED.get(name, 0) + 1
         if name != "disconnect" and rid:

@@ -68,10 +68,10 @@ def test_sessions_not_re_announced_after_a_restart_expire() -> None:
     w.do("bob", "connect", session_id="b1")  # bob re-announces; alice's client died meanwhile
     from world import Out
 
-    expired = Out(w.service.expire_sessions())
+    expired = Out(w.service.expire_sessions().deliveries)
     assert expired.recipients("user-disconnected") == ["bob"]
     assert expired.presence() == [("alice", "offline")]
-    assert Out(w.service.expire_sessions()).deliveries == []
+    assert Out(w.service.expire_sessions().deliveries).deliveries == []
 
 
 def test_display_name_is_updated_by_a_later_connect() -> None:
