@@ -34,10 +34,15 @@ class MemoryStore:
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
+        outbox, self._s.outbox = self._s.outbox, []  # append-only: a rollback truncates it, no copy needed
         saved = copy.deepcopy(self._s)
+        self._s.outbox = outbox
+        length = len(outbox)
         try:
             yield
         except BaseException:
+            del outbox[length:]
+            saved.outbox = outbox
             self._s = saved
             raise
 

@@ -122,7 +122,7 @@ def check(w: World, user: str, name: str, payload: bytes) -> None:
 def test_fuzz_command(name: str) -> None:
     w = world()
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(user=st.sampled_from(["alice", "bob", "zed"]), payload=payloads(name))
     def run(user: str, payload: bytes) -> None:
         check(w, user, name, payload)
