@@ -13,6 +13,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -317,12 +318,16 @@ class MqttBridge:
 
         A failure that is not an outage is retried a few times, then answered by `fallback`.
         """
-        delay, failures = 0.5, 0
+        delay, failures, outage_since = 0.5, 0, 0.0
         while True:
             try:
-                return job()
+                result = job()
+                if outage_since:
+                    log.info("storage is back after %.1fs; carrying on", time.monotonic() - outage_since)
+                return result
             except Exception as exc:
                 if self.is_transient(exc):
+                    outage_since = outage_since or time.monotonic()
                     log.warning(
                         "storage unavailable (%s); retrying in %.1fs, commands stay unacknowledged",
                         type(exc).__name__,
@@ -335,4 +340,4 @@ class MqttBridge:
                         return fallback()
                 if self._stopping.wait(delay):
                     raise _Abandoned from None  # stopping mid-outage: leave the commands unacknowledged
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 5.0)
