@@ -131,6 +131,13 @@ _CONV_COLS = (
     conversations.c.created_ms,
     conversations.c.last_seq,
 )
+_SESSION_COLS = (
+    sessions.c.user_id,
+    sessions.c.session_id,
+    sessions.c.epoch,
+    sessions.c.started_ms,
+    sessions.c.ended_ms,
+)
 _MSG_COLS = (
     messages.c.message_id,
     messages.c.conversation_id,
@@ -203,13 +210,7 @@ class SqlStore:
     # sessions
     def get_session(self, user_id: str, session_id: str) -> ChatSession | None:
         row = self.c.execute(
-            select(
-                sessions.c.user_id,
-                sessions.c.session_id,
-                sessions.c.epoch,
-                sessions.c.started_ms,
-                sessions.c.ended_ms,
-            ).where(sessions.c.user_id == user_id, sessions.c.session_id == session_id)
+            select(*_SESSION_COLS).where(sessions.c.user_id == user_id, sessions.c.session_id == session_id)
         ).first()
         return ChatSession(*row) if row else None
 
@@ -245,13 +246,7 @@ class SqlStore:
 
     def active_sessions_outside_epoch(self, epoch: str) -> list[ChatSession]:
         rows = self.c.execute(
-            select(
-                sessions.c.user_id,
-                sessions.c.session_id,
-                sessions.c.epoch,
-                sessions.c.started_ms,
-                sessions.c.ended_ms,
-            ).where(sessions.c.ended_ms.is_(None), sessions.c.epoch != epoch)
+            select(*_SESSION_COLS).where(sessions.c.ended_ms.is_(None), sessions.c.epoch != epoch)
         ).all()
         return [ChatSession(*r) for r in rows]
 

@@ -54,6 +54,16 @@ def serving(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterato
         proc.wait(10)
 
 
+def against(mosquitto: Mosquitto, tmp_path: Path) -> tuple[str, ...]:
+    """Options for a bridge on the test's Mosquitto with a SQLite file in tmp_path."""
+    return (
+        "--broker-url",
+        f"mqtt://127.0.0.1:{mosquitto.port}",
+        "--database-url",
+        f"sqlite:///{tmp_path}/db.sqlite3",
+    )
+
+
 def test_busy_port_fails_fast_and_says_what_to_do(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -113,13 +123,7 @@ def test_serve_against_mosquitto_announces_epochs_and_goes_offline_on_sigterm(
     watcher = ChatClient("watcher", "127.0.0.1", mosquitto.port).start()
     epochs = []
     for _ in range(2):
-        with serving(
-            tmp_path,
-            "--broker-url",
-            f"mqtt://127.0.0.1:{mosquitto.port}",
-            "--database-url",
-            f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        ) as proc:
+        with serving(tmp_path, *against(mosquitto, tmp_path)) as proc:
             status = watcher.wait_retained(
                 "chat/v1/bridge/status",
                 lambda s: s["status"] == "online" and s["epoch"] not in epochs,
@@ -135,13 +139,7 @@ def test_serve_against_mosquitto_announces_epochs_and_goes_offline_on_sigterm(
 
 def test_bridge_killed_leaves_its_will_offline(mosquitto: Mosquitto, tmp_path: Path) -> None:
     watcher = ChatClient("watcher", "127.0.0.1", mosquitto.port).start()
-    with serving(
-        tmp_path,
-        "--broker-url",
-        f"mqtt://127.0.0.1:{mosquitto.port}",
-        "--database-url",
-        f"sqlite:///{tmp_path / 'db.sqlite3'}",
-    ) as proc:
+    with serving(tmp_path, *against(mosquitto, tmp_path)) as proc:
         watcher.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "online", timeout=20)
         proc.kill()
         watcher.wait_retained("chat/v1/bridge/status", lambda s: s["status"] == "offline", timeout=10)
