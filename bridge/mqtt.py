@@ -29,7 +29,7 @@ from . import protocol as p
 from .config import BrokerAddress
 from .model import OutboxEntry
 from .protocol import ID_PATTERN
-from .service import Batch, Inbound, Service
+from .service import Batch, Inbound, Service, encode
 
 T = TypeVar("T")
 
@@ -246,10 +246,12 @@ class MqttBridge:
             if callable(item):
                 self._send(self._retrying(item))
                 return True
-            batch = self._gather(item)
+            batch = self._refuse_over_limit(self._gather(item))
+            if not batch:
+                return True
             inbound = [r.inbound for r in batch]
             result = self._retrying(
-                partial(self.service.handle_batch, inbound, self._published()),
+                partial(self.service.handle_batch, inbound, self._published(), admitted=True),
                 partial(self.service.internal_errors, inbound),
             )
         except _Abandoned:
@@ -260,6 +262,22 @@ class MqttBridge:
             if r.qos:
                 self.client.ack(r.mid, r.qos)
         return True
+
+    def _refuse_over_limit(self, batch: list[_Received]) -> list[_Received]:
+        """Answers and acknowledges rate-limited commands at once, without storage (they change nothing,
+        so a flood costs no transaction); returns the admitted ones."""
+        admitted, refusals = [], []
+        for r in batch:
+            refused = self.service.refusal(r.inbound)
+            if refused is None:
+                admitted.append(r)
+            else:
+                refusals.append(refused)
+                if r.qos:
+                    self.client.ack(r.mid, r.qos)
+        if refusals:
+            self._send(Batch("", refusals, encode(refusals, "")))
+        return admitted
 
     def _gather(self, first: _Received) -> list[_Received]:
         """The first command and whatever else already waits, up to batch_max: one transaction."""

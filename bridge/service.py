@@ -115,17 +115,20 @@ class Service:
         self.transient = transient  # storage outages: propagate so the batch is retried, never answered
         self.limiter = limiter
 
-    def handle_batch(self, items: Sequence[Inbound], published: Sequence[str] = ()) -> Batch:
+    def handle_batch(
+        self, items: Sequence[Inbound], published: Sequence[str] = (), *, admitted: bool = False
+    ) -> Batch:
         """Applies the commands in order in one transaction, which also stores their events in the
         outbox and forgets the `published` batches; returns what to publish once it committed.
 
-        Commands over their sender's rate limit are refused before any parsing or storage work.
+        Commands over their sender's rate limit are refused before any parsing or storage work,
+        unless the caller did that already (`admitted`: the MQTT adapter refuses without storage).
         """
         out: list[core.Delivery] = []
         with self.uow.transaction() as store:
             store.forget_outbox(published)
             for item in items:
-                refused = self.refusal(item)
+                refused = None if admitted else self.refusal(item)
                 out.extend([refused] if refused else self._handle(store, item))
             batch = self._outbox(store, out)
         return batch
