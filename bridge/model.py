@@ -112,7 +112,8 @@ class Store(Protocol):
     def add_conversation(
         self, conversation: Conversation, participants: Sequence[str], direct_key: str | None = None
     ) -> None:
-        """Raises `Conflict` when the direct pair or the thread's root message already has one."""
+        """Raises `Conflict` when the direct pair or the thread's root message already has one; call it
+        inside `atomic()`, whose rollback clears the failed statement (PostgreSQL needs that)."""
         ...
 
     def participant_ids(self, conversation_id: str) -> list[str]: ...

@@ -114,6 +114,8 @@ class Service:
         self.ids = ids
         self.transient = transient  # storage outages: propagate so the batch is retried, never answered
         self.limiter = limiter
+        self._known: set[str] = set()  # senders whose user row is committed: no need to look them up again
+        self._registered: set[str] = set()  # senders registered by the transaction in progress
 
     def handle_batch(
         self, items: Sequence[Inbound], published: Sequence[str] = (), *, admitted: bool = False
@@ -125,12 +127,14 @@ class Service:
         unless the caller did that already (`admitted`: the MQTT adapter refuses without storage).
         """
         out: list[core.Delivery] = []
+        self._registered = set()
         with self.uow.transaction() as store:
             store.forget_outbox(published)
             for item in items:
                 refused = None if admitted else self.refusal(item)
                 out.extend([refused] if refused else self._handle(store, item))
             batch = self._outbox(store, out)
+        self._known |= self._registered  # committed: these senders' rows exist now
         return batch
 
     def handle(self, item: Inbound) -> list[core.Delivery]:
@@ -209,9 +213,10 @@ class Service:
             ctx = self._context(store, sender, cmd.request_id)
             try:
                 with store.atomic():
-                    if not isinstance(cmd, p.Connect):  # connect registers with its display name
-                        core.ensure_user(ctx)
+                    if not isinstance(cmd, p.Connect) and sender not in self._known:
+                        core.ensure_user(ctx)  # connect registers itself, with its display name
                     handler(cmd, ctx)
+                self._registered.add(sender)
                 return ctx.out
             except Conflict:
                 if attempt == 2:

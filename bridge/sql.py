@@ -273,8 +273,7 @@ class SqlStore:
     ) -> None:
         values = {col.name: getattr(conversation, col.name) for col in _CONV_COLS}
         try:
-            with self.c.begin_nested():
-                self.c.execute(insert(conversations).values(direct_key=direct_key, **values))
+            self.c.execute(insert(conversations).values(direct_key=direct_key, **values))
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
         if participants_:
@@ -349,11 +348,11 @@ class SqlStore:
         return int(seq)
 
     def add_message(self, message: Message) -> None:
+        # No savepoint of its own: a Conflict always unwinds through the command's savepoint (atomic()).
         try:
-            with self.c.begin_nested():
-                self.c.execute(
-                    insert(messages).values(**{col.name: getattr(message, col.name) for col in _MSG_COLS})
-                )
+            self.c.execute(
+                insert(messages).values(**{col.name: getattr(message, col.name) for col in _MSG_COLS})
+            )
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
 

@@ -140,3 +140,13 @@ def test_commands_need_no_prior_connect_and_register_the_sender(w: World) -> Non
         "conversation-created"
     )
     assert "zoe" not in [u["user_id"] for u in w.do("alice", "get-active-users").data["users"]]
+
+
+def test_a_sender_whose_first_command_failed_is_registered_by_its_next(w: World) -> None:
+    assert w.raw("newbie", "send-message", b"not json").inbox("newbie")[0]["data"]["code"] == "bad-request"
+    assert w.do("newbie", "send-message", conversation_id="nope", body="x").error == "not-found"
+    assert w.do("newbie", "get-active-users").answer["type"] == "active-users"
+    users = [
+        u["user_id"] for u in w.do("alice", "get-participants", conversation_id="global").data["participants"]
+    ]
+    assert "newbie" in users
