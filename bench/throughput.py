@@ -33,7 +33,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import percentile, start_bridge, start_mosquitto  # noqa: E402
+from harness import percentile, start_bridge, start_mosquitto
 
 PROCESSES = 2  # load generators; the machine has 2 cores
 
@@ -238,10 +238,18 @@ def main() -> None:
         f" {'CPU %':>6} {'RSS MB':>7}"
     )
     for r in rows:
-        print(
-            f"{r['mode']:8} {r['offered_rate']!s:>8} {r['delivered']:>9} {r['msgs_per_s']:>9} {r['p50_ms']:>8}"
-            f" {r['p99_ms']:>8} {r['max_ms']!s:>8} {r['bridge_cpu_percent']!s:>6} {r['bridge_rss_mb']!s:>7}"
+        cells = (
+            r["mode"],
+            r["offered_rate"],
+            r["delivered"],
+            r["msgs_per_s"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["max_ms"],
+            r["bridge_cpu_percent"],
+            r["bridge_rss_mb"],
         )
+        print("{!s:8} {!s:>8} {!s:>9} {!s:>9} {!s:>8} {!s:>8} {!s:>8} {!s:>6} {!s:>7}".format(*cells))
     ratio = rows[1]["msgs_per_s"] / rows[0]["msgs_per_s"]
     print(f"closed loop: bridge / raw relay = {ratio:.2f}")
     if args.json:
