@@ -306,7 +306,10 @@ def remove_conversation(cmd: p.RemoveConversation, ctx: Context) -> None:
 # --- messages ---------------------------------------------------------------------
 
 
-def post(ctx: Context, conv: Conversation, body: str, client_msg_id: str | None) -> None:
+def post(
+    ctx: Context, conv: Conversation, body: str, client_msg_id: str | None, everyone: list[str] | None = None
+) -> None:
+    """Stores a message and tells the participants (`everyone`, when the caller already read them)."""
     store = ctx.store
     if client_msg_id is not None:
         original = store.find_by_client_msg_id(conv.conversation_id, ctx.sender, client_msg_id)
@@ -318,12 +321,17 @@ def post(ctx: Context, conv: Conversation, body: str, client_msg_id: str | None)
     store.add_message(message)
     data = p.MessageData(message=message_out(message))
     ctx.answer(p.MessageAdded, data)
-    others = [u for u in members(store, conv) if u != ctx.sender]
+    others = [u for u in (everyone if everyone is not None else members(store, conv)) if u != ctx.sender]
     ctx.notify(p.MessageAdded, data, others, conv.conversation_id)
 
 
 def send_message(cmd: p.SendMessage, ctx: Context) -> None:
-    post(ctx, visible_conversation(ctx, cmd.conversation_id), cmd.body, cmd.client_msg_id)
+    # One read of the participants serves both the visibility check and the delivery (the hot path).
+    conv = ctx.store.get_conversation(cmd.conversation_id)
+    everyone = members(ctx.store, conv) if conv is not None else []
+    if conv is None or (owner_of_membership(conv) != GLOBAL_ID and ctx.sender not in everyone):
+        raise NotFound(f"conversation {cmd.conversation_id} not found")
+    post(ctx, conv, cmd.body, cmd.client_msg_id, everyone)
 
 
 def reply(cmd: p.Reply, ctx: Context) -> None:
