@@ -21,10 +21,15 @@ def free_port() -> int:
 
 
 def start_mosquitto(
-    workdir: Path, conf: Path = ROOT / "mosquitto" / "dev.conf"
+    workdir: Path, conf: Path = ROOT / "mosquitto" / "dev.conf", extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[str], int]:
+    """Mosquitto with `conf` on a free port; `extra` lines replace the config's lines of the same option."""
     port = free_port()
-    lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith(("listener ", "user "))]
+    overridden = tuple(line.split()[0] + " " for line in extra)
+    lines = [
+        ln for ln in conf.read_text().splitlines() if not ln.startswith(("listener ", "user ", *overridden))
+    ]
+    lines += list(extra)
     if os.geteuid() == 0:
         lines.insert(0, "user root")
     path = workdir / "mosquitto.conf"

@@ -14,6 +14,7 @@ import queue
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -123,7 +124,8 @@ class MqttBridge:
         self._since = p.iso_ms(service.clock())
         self._grace_timer: threading.Timer | None = None
         self._worker = threading.Thread(target=self._work, name="bridge-worker", daemon=True)
-        self._in_flight: list[tuple[str, list[paho.MQTTMessageInfo]]] = []
+        # Batches published but not yet fully acknowledged by the broker, oldest first.
+        self._in_flight: deque[tuple[str, deque[paho.MQTTMessageInfo]]] = deque()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -313,14 +315,23 @@ class MqttBridge:
             for e in batch.entries
         ]
         if batch.id and infos:
-            self._in_flight.append((batch.id, infos))
+            self._in_flight.append((batch.id, deque(infos)))
 
     def _published(self) -> list[str]:
-        """Batches whose every event the broker has acknowledged; they leave the outbox next commit."""
-        done = [b for b, infos in self._in_flight if all(map(acknowledged, infos))]
-        if done:
-            finished = set(done)
-            self._in_flight = [(b, i) for b, i in self._in_flight if b not in finished]
+        """Batches whose every event the broker has acknowledged; they leave the outbox next commit.
+
+        paho sends in order and the broker acknowledges in order, so this walks from the oldest
+        publish and stops at the first one still pending: amortised O(1) per event, whatever the backlog.
+        """
+        done = []
+        while self._in_flight:
+            batch_id, infos = self._in_flight[0]
+            while infos and acknowledged(infos[0]):
+                infos.popleft()
+            if infos:
+                break
+            done.append(batch_id)
+            self._in_flight.popleft()
         return done
 
     def _forget_published(self) -> None:
