@@ -56,9 +56,6 @@ class MemoryStore:
     def get_users(self, user_ids: Sequence[str]) -> list[User]:
         return sorted((u for i in set(user_ids) if (u := self._s.users.get(i))), key=lambda u: u.user_id)
 
-    def all_users(self) -> list[User]:
-        return sorted(self._s.users.values(), key=lambda u: u.user_id)
-
     def all_user_ids(self) -> list[str]:
         return sorted(self._s.users)
 

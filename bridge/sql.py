@@ -198,12 +198,6 @@ class SqlStore:
         ).all()
         return [User(*r) for r in rows]
 
-    def all_users(self) -> list[User]:
-        rows = self.c.execute(
-            select(users.c.user_id, users.c.display_name, users.c.created_ms).order_by(users.c.user_id)
-        ).all()
-        return [User(*r) for r in rows]
-
     def all_user_ids(self) -> list[str]:
         return list(self.c.execute(select(users.c.user_id).order_by(users.c.user_id)).scalars())
 
