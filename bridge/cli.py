@@ -224,6 +224,7 @@ def build_bridge(settings: Settings, broker: BrokerAddress | None = None) -> Mqt
         client_id=settings.client_id,
         keepalive=settings.keepalive,
         session_grace=settings.session_grace,
+        publish_window=settings.publish_window,
         is_transient=is_transient,
     )
 

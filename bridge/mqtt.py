@@ -89,6 +89,15 @@ class _Abandoned(Exception):
     """The bridge stops while storage is down; what is in hand stays unacknowledged."""
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A batch's publishes awaiting the broker's acknowledgement, oldest first."""
+
+    batch_id: str
+    infos: deque[paho.MQTTMessageInfo]
+    complete: bool = False  # every event of the batch handed to paho
+
+
 @dataclass(frozen=True, slots=True)
 class _Received:
     inbound: Inbound
@@ -109,6 +118,7 @@ class MqttBridge:
         keepalive: int = 30,
         session_grace: float = 30.0,
         batch_max: int = 256,
+        publish_window: int = 10_000,
         is_transient: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
         self.service = service
@@ -117,6 +127,7 @@ class MqttBridge:
         self.keepalive = keepalive
         self.session_grace = session_grace
         self.batch_max = batch_max
+        self.publish_window = publish_window
         self.is_transient = is_transient
         self.ready = threading.Event()
         self._queue: queue.Queue[_Received | Callable[[], Batch] | None] = queue.Queue()
@@ -124,8 +135,12 @@ class MqttBridge:
         self._since = p.iso_ms(service.clock())
         self._grace_timer: threading.Timer | None = None
         self._worker = threading.Thread(target=self._work, name="bridge-worker", daemon=True)
-        # Batches published but not yet fully acknowledged by the broker, oldest first.
-        self._in_flight: deque[tuple[str, deque[paho.MQTTMessageInfo]]] = deque()
+        # Batches published but not yet fully acknowledged by the broker, oldest first, and how many
+        # publishes they hold; batches whose every event was acknowledged, to forget at the next commit.
+        self._in_flight: deque[_Flight] = deque()
+        self._outstanding = 0
+        self._acknowledged: list[str] = []
+        self._puback = threading.Event()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -133,6 +148,11 @@ class MqttBridge:
             protocol=paho.MQTTv311,
             manual_ack=True,
         )
+        # paho keys unacknowledged publishes by their 16-bit message id and silently drops a publish
+        # (rc MQTT_ERR_QUEUE_SIZE) once that many wait: `_send` never lets more than the window wait.
+        if not 0 < publish_window < 65_535:
+            raise ValueError("publish_window must be between 1 and 65534")
+        self.client.max_queued_messages_set(publish_window + 16)  # + room for bridge/status
         if broker.username:
             self.client.username_pw_set(broker.username, broker.password)
         offline = orjson.dumps({"status": "offline", "epoch": service.epoch})
@@ -142,6 +162,7 @@ class MqttBridge:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = lambda *_args: self._puback.set()
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -310,28 +331,46 @@ class MqttBridge:
             self._send(Batch(batch_id, [], entries))
 
     def _send(self, batch: Batch) -> None:
-        infos = [
-            self.client.publish(self.topics.of(e.kind, e.key), e.payload, qos=1, retain=e.retain)
-            for e in batch.entries
-        ]
-        if batch.id and infos:
-            self._in_flight.append((batch.id, deque(infos)))
+        """Publishes the batch's events, waiting while `publish_window` publishes await the broker's ack.
 
-    def _published(self) -> list[str]:
-        """Batches whose every event the broker has acknowledged; they leave the outbox next commit.
+        The wait is the bridge's backpressure: the worker takes no new commands meanwhile, so they wait
+        unacknowledged at the broker instead of piling up here. A bridge that is stopping stops waiting;
+        whatever paho then refuses is still in the outbox for the next start.
+        """
+        flight = _Flight(batch.id, deque())
+        self._in_flight.append(flight)
+        for e in batch.entries:
+            while self._outstanding >= self.publish_window and not self._stopping.is_set():
+                self._puback.clear()
+                self._collect()
+                if self._outstanding >= self.publish_window:
+                    self._puback.wait(0.5)
+            topic = self.topics.of(e.kind, e.key)
+            flight.infos.append(self.client.publish(topic, e.payload, qos=1, retain=e.retain))
+            self._outstanding += 1
+        flight.complete = True
+
+    def _collect(self) -> None:
+        """Moves batches whose every event the broker has acknowledged to `_acknowledged`.
 
         paho sends in order and the broker acknowledges in order, so this walks from the oldest
         publish and stops at the first one still pending: amortised O(1) per event, whatever the backlog.
         """
-        done = []
         while self._in_flight:
-            batch_id, infos = self._in_flight[0]
-            while infos and acknowledged(infos[0]):
-                infos.popleft()
-            if infos:
+            flight = self._in_flight[0]
+            while flight.infos and acknowledged(flight.infos[0]):
+                flight.infos.popleft()
+                self._outstanding -= 1
+            if flight.infos or not flight.complete:
                 break
-            done.append(batch_id)
             self._in_flight.popleft()
+            if flight.batch_id:
+                self._acknowledged.append(flight.batch_id)
+
+    def _published(self) -> list[str]:
+        """Batches whose every event the broker has acknowledged; they leave the outbox next commit."""
+        self._collect()
+        done, self._acknowledged = self._acknowledged, []
         return done
 
     def _forget_published(self) -> None:
