@@ -102,7 +102,8 @@ def worker(
         senders.append((client(f"s-{mode}-{sender}", port, [], None), sender, receiver, conv))
     time.sleep(max(0.0, start_at - time.time()))
     first = time.time()
-    interval = len(pairs) / rate if rate else 0.0
+    # Open loop: messages evenly spaced (not bursts of one per sender), whatever the latency.
+    interval = 1 / rate if rate else 0.0
     next_at = time.monotonic()
     for n in range(messages):
         for c, sender, receiver, conv in senders:
@@ -115,9 +116,9 @@ def worker(
                     orjson.dumps({"conversation_id": conv, "body": stamp}),
                     qos=1,
                 )
-        if interval:
-            next_at += interval
-            time.sleep(max(0.0, next_at - time.monotonic()))
+            if interval:
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.monotonic()))
     done.wait(120)
     for c in receivers + [s[0] for s in senders]:
         c.disconnect()

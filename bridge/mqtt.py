@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -83,6 +84,13 @@ def acknowledged(info: paho.MQTTMessageInfo) -> bool:
         return info.is_published()
     except (RuntimeError, ValueError):
         return False
+
+
+def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
+    """Events go out as soon as they are published: an event must not wait for the ack of the one
+    before it (Nagle's algorithm), which paho leaves on."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Abandoned(Exception):
@@ -163,6 +171,7 @@ class MqttBridge:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = lambda *_args: self._puback.set()
+        self.client.on_socket_open = _no_delay
 
     # --- lifecycle ------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -32,7 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.sql.expression import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
 from sqlmodel import Field, SQLModel, create_engine
 
 from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, OutboxEntry, Store, User
@@ -161,7 +162,7 @@ def _msg(row: Any) -> Message | None:
     return Message(*row) if row is not None else None
 
 
-def _statements() -> dict[str, tuple[Executable, list[str] | None]]:
+def _statements() -> dict[str, tuple[ClauseElement, list[str] | None]]:
     """Every static statement of the store, by name, with the columns an INSERT takes."""
     b = bindparam
     conv, msg = select(*_CONV_COLS), select(*_MSG_COLS)
@@ -332,7 +333,7 @@ def prepare(dialect: Dialect) -> dict[str, _Prepared]:
     """The store's statements compiled once for a dialect (SQLAlchemy builds the SQL; the driver runs it)."""
     prepared = {}
     for name, (stmt, columns) in _statements().items():
-        compiled = stmt.compile(dialect=dialect, column_keys=columns)
+        compiled = cast(SQLCompiler, stmt.compile(dialect=dialect, column_keys=columns))
         positions = tuple(compiled.positiontup or ()) if dialect.positional else None
         constants = {
             key: bind.value for key, bind in compiled.binds.items() if not bind.required and key[0] != "%"
