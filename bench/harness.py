@@ -81,6 +81,29 @@ def start_bridge(port: int, database_url: str | None = None, *extra: str) -> sub
     return proc
 
 
+def start_embedded(database_url: str, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    """`chat-bridge serve` with its embedded amqtt broker on a free port; (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--database-url",
+            database_url,
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    wait_for_line(proc, "bridge online")
+    return proc, port
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")

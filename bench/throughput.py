@@ -7,12 +7,17 @@ messages to its partner at QoS 1, it measures:
   bridge send-message -> bridge (store, then publish) -> message-added at the partner
 
 closed loop (senders publish as fast as paho lets them; throughput = messages
-delivered / time from the first send to the last delivery) and open loop at a
-fixed total rate (latency send -> delivery, from a timestamp in the body).
-Load comes from separate processes. Prints messages/s, p50/p99/max latency,
-the bridge's CPU and RSS, and the ratio to the raw relay.
+delivered / time from the first send to the last delivery), then open loop at
+500 msg/s and at 25/50/75 % of the bridge's closed-loop maximum, messages
+evenly spaced (latency send -> delivery, from a timestamp in the body). Load
+comes from two separate processes. Prints messages/s, events/s, p50/p99/max
+latency, the bridge's CPU and RSS and the ratio to the raw relay; writes
+bench/results/throughput.json and throughput.png.
 
-    python bench/throughput.py [--users 20] [--messages 500] [--rate 500] [--json out.json]
+    python bench/throughput.py [--quick] [--embedded] [--database-url URL]
+
+--embedded runs the bridge with its embedded amqtt broker (`chat-bridge serve
+--listen`); the raw relay then goes through that same amqtt.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import percentile, start_bridge, start_mosquitto
+from harness import percentile, start_bridge, start_embedded, start_mosquitto
 
 PROCESSES = 2  # load generators; the machine has 2 cores
 
@@ -196,6 +201,9 @@ def run(
         "expected": sum(r["expected"] for r in results),
         "seconds": round(seconds, 3),
         "msgs_per_s": round(delivered / seconds, 1),
+        # the bridge publishes three events per message: the sender's answer, the partner's copy and
+        # the conversation topic's; the raw relay one
+        "events_per_s": round(delivered * (3 if mode == "bridge" else 1) / seconds),
         "p50_ms": round(percentile(lat, 0.5), 2),
         "p99_ms": round(percentile(lat, 0.99), 2),
         "max_ms": round(max(lat), 2) if lat else None,
@@ -206,55 +214,109 @@ def run(
     }
 
 
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'run':7} {'offered':>8} {'delivered':>9} {'msg/s':>8} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
+    )
+    head += f" {'max ms':>8} {'CPU %':>6} {'RSS MB':>7}"
+    lines = [head]
+    for r in rows:
+        cells = [r["mode"], r["offered_rate"], r["delivered"], r["msgs_per_s"], r["events_per_s"]]
+        cells += [r["p50_ms"], r["p99_ms"], r["max_ms"], r["bridge_cpu_percent"], r["bridge_rss_mb"]]
+        lines.append(
+            "{!s:7} {!s:>8} {!s:>9} {!s:>8} {!s:>9} {!s:>8} {!s:>8} {!s:>8} {!s:>6} {!s:>7}".format(*cells)
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    for mode, colour in (("raw", "tab:grey"), ("bridge", "tab:blue")):
+        open_loop = sorted(
+            (r for r in rows if r["mode"] == mode and r["offered_rate"] != "max"),
+            key=lambda r: r["offered_rate"],
+        )
+        closed = [r for r in rows if r["mode"] == mode and r["offered_rate"] == "max"]
+        x = [r["offered_rate"] for r in open_loop]
+        top.plot(x, [r["msgs_per_s"] for r in open_loop], "o-", color=colour, label=f"{mode}, open loop")
+        for r in closed:
+            top.axhline(r["msgs_per_s"], color=colour, linestyle="--", label=f"{mode}, closed loop max")
+        bottom.plot(x, [r["p50_ms"] for r in open_loop], "o-", color=colour, label=f"{mode} p50")
+        bottom.plot(x, [r["p99_ms"] for r in open_loop], "s--", color=colour, label=f"{mode} p99")
+    top.set_ylabel("delivered chat messages/s")
+    top.set_xscale("log")
+    top.legend(fontsize=8)
+    bottom.set_ylabel("send -> delivery latency (ms)")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("offered load (messages/s)")
+    bottom.legend(fontsize=8)
+    top.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
     parser.add_argument("--users", type=int, default=20)
-    parser.add_argument("--messages", type=int, default=500, help="per sender")
-    parser.add_argument("--rate", type=float, default=500, help="total msg/s for the open-loop run")
-    parser.add_argument("--database-url")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--messages", type=int, help="per sender, closed loop (default 2000; quick 300)")
+    parser.add_argument("--seconds", type=float, help="per open-loop rate (default 8; quick 2)")
+    parser.add_argument("--rate", type=float, default=500, help="a fixed rate, besides 25/50/75%% of the max")
+    parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
+    parser.add_argument("--embedded", action="store_true", help="the amqtt broker embedded in the bridge")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/throughput.json"))
+    parser.add_argument("--plot", type=Path, default=Path("bench/results/throughput.png"))
     args = parser.parse_args()
+    messages = args.messages or (300 if args.quick else 2000)
+    seconds = args.seconds or (2.0 if args.quick else 8.0)
     workdir = Path(tempfile.mkdtemp(prefix="chat-throughput-"))
-    broker, port = start_mosquitto(workdir)
-    bridge = start_bridge(
-        port, args.database_url or f"sqlite:///{workdir}/bench.sqlite3", "--rate-limit", "0"
+    database_url = args.database_url or f"sqlite:///{workdir}/bench.sqlite3"
+    broker = None
+    if args.embedded:
+        bridge, port = start_embedded(database_url, "--rate-limit", "0")
+    else:
+        broker, port = start_mosquitto(workdir)
+        bridge = start_bridge(port, database_url, "--rate-limit", "0")
+    storage = "PostgreSQL" if database_url.startswith("postgresql") else "SQLite"
+    title = f"{args.users} users in {args.users // 2} direct pairs, QoS 1, {storage}, " + (
+        "embedded amqtt broker" if args.embedded else "Mosquitto (tcp_nodelay)"
     )
     try:
         pairs = setup_conversations(port, args.users)
+        senders = len(pairs)
         rows = [
-            run("raw", port, pairs, args.messages, 0, None),
-            run("bridge", port, pairs, args.messages, 0, bridge.pid),
-            run("raw", port, pairs, max(1, args.messages // 2), args.rate, None),
-            run("bridge", port, pairs, max(1, args.messages // 2), args.rate, bridge.pid),
+            run("raw", port, pairs, messages, 0, None),
+            run("bridge", port, pairs, messages, 0, bridge.pid),
         ]
+        top = rows[1]["msgs_per_s"]
+        rates = sorted({args.rate, round(top * 0.25), round(top * 0.5), round(top * 0.75)})
+        for rate in rates:
+            per_sender = max(1, round(rate * seconds / senders))
+            rows.append(run("raw", port, pairs, per_sender, rate, None))
+            rows.append(run("bridge", port, pairs, per_sender, rate, bridge.pid))
     finally:
         bridge.terminate()
         bridge.wait(30)
-        broker.terminate()
-    print(f"{args.users} users in {args.users // 2} direct pairs, QoS 1, SQLite, Mosquitto (tcp_nodelay)")
-    print(
-        f"{'run':8} {'offered':>8} {'delivered':>9} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
-        f" {'CPU %':>6} {'RSS MB':>7}"
-    )
-    for r in rows:
-        cells = (
-            r["mode"],
-            r["offered_rate"],
-            r["delivered"],
-            r["msgs_per_s"],
-            r["p50_ms"],
-            r["p99_ms"],
-            r["max_ms"],
-            r["bridge_cpu_percent"],
-            r["bridge_rss_mb"],
-        )
-        print("{!s:8} {!s:>8} {!s:>9} {!s:>9} {!s:>8} {!s:>8} {!s:>8} {!s:>6} {!s:>7}".format(*cells))
+        if broker is not None:
+            broker.terminate()
     ratio = rows[1]["msgs_per_s"] / rows[0]["msgs_per_s"]
-    print(f"closed loop: bridge / raw relay = {ratio:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=2))
+    print(title)
+    print(table(rows))
+    print(
+        f"closed loop: bridge {rows[1]['msgs_per_s']} msg/s / raw relay {rows[0]['msgs_per_s']} msg/s = {ratio:.2f}"
+    )
+    result = {"title": title, "quick": args.quick, "rows": rows, "ratio": round(ratio, 3)}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    plot(rows, title, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
 
 
 if __name__ == "__main__":
