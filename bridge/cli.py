@@ -73,6 +73,13 @@ OPTIONS = (
         "commands per second each user may send on average; 0: no limit",
     ),
     ("--rate-burst", "CHAT_BRIDGE_RATE_BURST", "200", "how many commands a user may send at once"),
+    (
+        "--presence",
+        "CHAT_BRIDGE_PRESENCE",
+        "broadcast",
+        "broadcast: user-connected/-disconnected to every active inbox and active_users in `connected` "
+        "(O(N²) for a connect storm); retained: presence only in the retained presence/{user} topics",
+    ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 DEFAULT_PASSWORD_FILE = "mosquitto/passwd"
@@ -174,6 +181,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ) from None
     if rate < 0 or burst < 1:
         raise ConfigError("--rate-limit must be 0 or more and --rate-burst at least 1")
+    if args.presence not in ("broadcast", "retained"):
+        raise ConfigError(f"--presence is broadcast or retained, not {args.presence!r}")
     settings = Settings(
         broker_url=args.broker_url or None,
         listen=args.listen,
@@ -183,6 +192,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         password_file=args.password_file or None,
         rate_limit=rate,
         rate_burst=burst,
+        presence=args.presence,
     )
     settings.broker()  # validates the URL
     return settings
@@ -216,6 +226,7 @@ def build_bridge(settings: Settings, broker: BrokerAddress | None = None) -> Mqt
         max_payload=settings.max_payload,
         transient=TRANSIENT_ERRORS,
         limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None,
+        broadcast_presence=settings.presence == "broadcast",
     )
     return MqttBridge(
         service,

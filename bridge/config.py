@@ -68,6 +68,7 @@ class Settings:
     password_file: str | None = None
     rate_limit: float = 50.0  # commands per second per user; 0 turns the limit off
     rate_burst: int = 200
+    presence: str = "broadcast"  # or "retained": presence only in the retained presence topics
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
 
     def broker(self) -> BrokerAddress:

@@ -36,6 +36,9 @@ class Context:
     new_id: Callable[[str], str]
     epoch: str = ""
     request_id: str | None = None
+    # False: presence lives only in the retained presence topics (no user-connected/-disconnected to
+    # every active inbox, no active_users in `connected`), which makes a connect storm O(N), not O(N²).
+    broadcast_presence: bool = True
     out: list[Delivery] = field(default_factory=list)
     last_answer: p.Event | None = None  # broadcast copies of the same event share its event_id
 
@@ -166,7 +169,7 @@ def connect(cmd: p.Connect, ctx: Context) -> None:
         store.save_session(ChatSession(user.user_id, cmd.session_id, ctx.epoch, ctx.now_ms))
     elif session.epoch != ctx.epoch:
         store.save_session(replace(session, epoch=ctx.epoch))  # re-announced after a bridge restart
-    active_ids = store.active_user_ids()
+    active_ids = store.active_user_ids() if ctx.broadcast_presence else [user.user_id]
     active = set(active_ids)
     me = user_out(user, active)
     conversations = [
@@ -180,11 +183,14 @@ def connect(cmd: p.Connect, ctx: Context) -> None:
             user=me,
             session_id=cmd.session_id,
             conversations=conversations,
-            active_users=[user_out(u, active) for u in store.get_users(active_ids)],
+            active_users=[user_out(u, active) for u in store.get_users(active_ids)]
+            if ctx.broadcast_presence
+            else [],
         ),
     )
     if not was_active:
-        ctx.notify(p.UserConnected, p.UserConnectedData(user=me), active_ids)
+        if ctx.broadcast_presence:
+            ctx.notify(p.UserConnected, p.UserConnectedData(user=me), active_ids)
         presence(ctx, user.user_id, "online")
 
 
@@ -192,9 +198,10 @@ def end_session(ctx: Context, session: ChatSession) -> None:
     store = ctx.store
     store.save_session(replace(session, ended_ms=ctx.now_ms))
     if not store.has_active_session(session.user_id):
-        ctx.notify(
-            p.UserDisconnected, p.UserDisconnectedData(user_id=session.user_id), store.active_user_ids()
-        )
+        if ctx.broadcast_presence:
+            ctx.notify(
+                p.UserDisconnected, p.UserDisconnectedData(user_id=session.user_id), store.active_user_ids()
+            )
         presence(ctx, session.user_id, "offline")
 
 

@@ -106,6 +106,7 @@ class Service:
         ids: Callable[[str], str] = new_id,
         transient: tuple[type[BaseException], ...] = (),
         limiter: RateLimiter | None = None,
+        broadcast_presence: bool = True,
     ) -> None:
         self.uow = uow
         self.epoch = epoch
@@ -114,6 +115,7 @@ class Service:
         self.ids = ids
         self.transient = transient  # storage outages: propagate so the batch is retried, never answered
         self.limiter = limiter
+        self.broadcast_presence = broadcast_presence
         self._known: set[str] = set()  # senders whose user row is committed: no need to look them up again
         self._registered: set[str] = set()  # senders registered by the transaction in progress
 
@@ -193,7 +195,15 @@ class Service:
         return batch
 
     def _context(self, store: Store, sender: str, request_id: str | None) -> core.Context:
-        return core.Context(store, sender, self.clock(), self.ids, self.epoch, request_id)
+        return core.Context(
+            store,
+            sender,
+            self.clock(),
+            self.ids,
+            self.epoch,
+            request_id,
+            broadcast_presence=self.broadcast_presence,
+        )
 
     def _handle(self, store: Store, item: Inbound) -> list[core.Delivery]:
         command_name = item.command if item.command in p.COMMANDS else None

@@ -14,12 +14,18 @@ from bridge.service import Inbound, Service
 
 
 class World:
-    def __init__(self, uow: UnitOfWork | None = None, epoch: str = "e1") -> None:
+    def __init__(
+        self, uow: UnitOfWork | None = None, epoch: str = "e1", *, broadcast_presence: bool = True
+    ) -> None:
         self.now = 1_700_000_000_000
         self._ids = itertools.count(1)
         self.uow = uow or MemoryUnitOfWork()
         self.service = Service(
-            self.uow, epoch=epoch, clock=self.clock, ids=lambda prefix: f"{prefix}_{next(self._ids)}"
+            self.uow,
+            epoch=epoch,
+            clock=self.clock,
+            ids=lambda prefix: f"{prefix}_{next(self._ids)}",
+            broadcast_presence=broadcast_presence,
         )
 
     def clock(self) -> int:

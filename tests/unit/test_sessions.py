@@ -79,3 +79,20 @@ def test_display_name_is_updated_by_a_later_connect() -> None:
     w.do("alice", "connect", session_id="a1", display_name="Al")
     out = w.do("alice", "connect", session_id="a2", display_name="Alice")
     assert out.data["user"]["display_name"] == "Alice"
+
+
+def test_retained_presence_mode_tells_nobody_but_the_presence_topic() -> None:
+    """`--presence retained`: a connect storm costs O(N) events; clients read presence/+ instead."""
+    w = World(broadcast_presence=False)
+    w.do("alice", "connect", session_id="a1")
+    bob = w.do("bob", "connect", session_id="b1")
+    assert bob.types("alice") == []  # no user-connected to the others
+    assert bob.types("bob") == ["connected"]
+    assert bob.data["active_users"] == []
+    assert bob.data["user"]["active"] is True
+    assert bob.presence() == [("bob", "online")]
+    active = w.do("bob", "get-active-users")  # still answered on demand
+    assert [u["user_id"] for u in active.data["users"]] == ["alice", "bob"]
+    gone = w.do("alice", "disconnect", session_id="a1", reason="lost")
+    assert gone.types("bob") == []
+    assert gone.presence() == [("alice", "offline")]
