@@ -124,7 +124,7 @@ def worker(
             if interval:
                 next_at += interval
                 time.sleep(max(0.0, next_at - time.monotonic()))
-    done.wait(120)
+    done.wait(120)  # after the last send
     for c in receivers + [s[0] for s in senders]:
         c.disconnect()
         c.loop_stop()
@@ -185,7 +185,8 @@ def run(
     cpu0 = proc_stats(bridge_pid)[0] if bridge_pid else 0.0
     for p in procs:
         p.start()
-    results = [out.get(timeout=200) for _ in procs]
+    budget = 200 + (messages * len(pairs) / rate if rate else 0)
+    results = [out.get(timeout=budget) for _ in procs]
     for p in procs:
         p.join(30)
     cpu1, rss = proc_stats(bridge_pid) if bridge_pid else (0.0, 0)
