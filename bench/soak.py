@@ -65,7 +65,8 @@ def main() -> None:
     drift = (last - first) / first * 100
     print(
         f"{args.minutes:g} min at {args.rate:g} msg/s: delivered {result['delivered']}"
-        f" of {result['expected']}, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, bridge CPU {result['bridge_cpu_percent']} %"
+        f" of {result['expected']}, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms,"
+        f" bridge CPU {result['bridge_cpu_percent']} %"
     )
     print(
         f"RSS: after warm-up {first:.1f} MB, last minute {last:.1f} MB, drift {drift:+.1f} % (target ±10 %)"
