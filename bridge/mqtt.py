@@ -148,7 +148,6 @@ class MqttBridge:
         self._in_flight: deque[_Flight] = deque()
         self._outstanding = 0
         self._acknowledged: list[str] = []
-        self._puback = threading.Event()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -170,7 +169,6 @@ class MqttBridge:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self.client.on_publish = lambda *_args: self._puback.set()
         self.client.on_socket_open = _no_delay
 
     # --- lifecycle ------------------------------------------------------------
@@ -350,10 +348,11 @@ class MqttBridge:
         self._in_flight.append(flight)
         for e in batch.entries:
             while self._outstanding >= self.publish_window and not self._stopping.is_set():
-                self._puback.clear()
                 self._collect()
                 if self._outstanding >= self.publish_window:
-                    self._puback.wait(0.5)
+                    # a short poll, only while the window is full: an on_publish callback signalling
+                    # every PUBACK cost more than the rest of the acknowledgement's handling
+                    self._stopping.wait(0.002)
             topic = self.topics.of(e.kind, e.key)
             flight.infos.append(self.client.publish(topic, e.payload, qos=1, retain=e.retain))
             self._outstanding += 1
