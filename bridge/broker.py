@@ -10,6 +10,7 @@ MQTT 3.1.1 (section 3.1.2.10) and Mosquitto do; amqtt then publishes the will.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import hmac
 import logging
@@ -183,6 +184,30 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                 sends.append(asyncio.ensure_future(publish))
         if sends:
             await asyncio.wait(sends)
+
+
+class InProcessPublisher:
+    """Hands the bridge's events straight to the embedded broker, skipping MQTT between the two.
+
+    Through a client connection each event cost a paho publish, a PUBACK to decode and amqtt's whole
+    inbound path; this puts it on amqtt's broadcast queue, which applies the same per-subscriber topic
+    rules (`Action.RECEIVE`). Called from the bridge's worker thread; returns, per batch, a future that
+    completes once amqtt has taken every event (the broker and the bridge share one process, so that
+    is as far as an acknowledgement goes).
+    """
+
+    def __init__(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
+        self.broker = broker
+        self.loop = loop
+
+    def __call__(self, events: list[tuple[str, bytes, bool]]) -> concurrent.futures.Future[None]:
+        return asyncio.run_coroutine_threadsafe(self._publish(events), self.loop)
+
+    async def _publish(self, events: list[tuple[str, bytes, bool]]) -> None:
+        for topic, payload, retain in events:
+            if retain:
+                await self.broker.retain_message(None, topic, payload, 1)
+            await self.broker.internal_message_broadcast(topic, payload)
 
 
 def check_port_free(host: str, port: int) -> None:

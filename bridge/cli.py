@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import passwords
 from .acl import BRIDGE_ACCOUNT, OBSERVER_ACCOUNT
-from .broker import BrokerStartError, Security, start_broker
+from .broker import BrokerStartError, InProcessPublisher, Security, start_broker
 from .config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_LISTEN,
@@ -31,7 +31,7 @@ from .config import (
 )
 from .limits import RateLimiter
 from .model import User
-from .mqtt import MqttBridge, Topics
+from .mqtt import MqttBridge, Publisher, Topics
 from .protocol import ID_PATTERN
 from .service import Service, new_id, wall_clock_ms
 from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
@@ -218,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def build_bridge(settings: Settings, broker: BrokerAddress | None = None) -> MqttBridge:
+def build_bridge(
+    settings: Settings, broker: BrokerAddress | None = None, publisher: Publisher | None = None
+) -> MqttBridge:
     engine = make_engine(settings.database_url)
     init_db(engine, wall_clock_ms())
     service = Service(
@@ -237,6 +239,7 @@ def build_bridge(settings: Settings, broker: BrokerAddress | None = None) -> Mqt
         keepalive=settings.keepalive,
         session_grace=settings.session_grace,
         publish_window=settings.publish_window,
+        publisher=publisher,
         is_transient=is_transient,
     )
 
@@ -277,7 +280,9 @@ async def serve_embedded(settings: Settings) -> int:
         security = Security(Path(settings.password_file), secret, settings.topic_prefix)
         address = BrokerAddress(settings.broker().host, port, BRIDGE_ACCOUNT, secret)
     broker = await start_broker(host, port, security)  # before the database: a busy port fails fast
-    bridge = build_bridge(settings, address)
+    # Commands still come over MQTT (an ordinary subscription, acknowledged after commit); events go
+    # straight into the broker.
+    bridge = build_bridge(settings, address, InProcessPublisher(broker, asyncio.get_running_loop()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,6 +9,7 @@ bridge is down are queued by the broker and applied when it returns.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import re
@@ -97,13 +98,18 @@ class _Abandoned(Exception):
     """The bridge stops while storage is down; what is in hand stays unacknowledged."""
 
 
+# Publishes events in-process (the embedded broker): (topic, payload, retain) in order -> a future
+# that completes once the broker has taken them all.
+Publisher = Callable[[list[tuple[str, bytes, bool]]], "concurrent.futures.Future[None]"]
+
+
 @dataclass(slots=True)
 class _Flight:
-    """A batch's publishes awaiting the broker's acknowledgement, oldest first."""
+    """A batch's publishes awaiting the broker's acknowledgement, oldest first: one check per event."""
 
     batch_id: str
-    infos: deque[paho.MQTTMessageInfo]
-    complete: bool = False  # every event of the batch handed to paho
+    pending: deque[Callable[[], bool]]
+    complete: bool = False  # every event of the batch handed over
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,7 @@ class MqttBridge:
         session_grace: float = 30.0,
         batch_max: int = 256,
         publish_window: int = 10_000,
+        publisher: Publisher | None = None,
         is_transient: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
         self.service = service
@@ -136,6 +143,7 @@ class MqttBridge:
         self.session_grace = session_grace
         self.batch_max = batch_max
         self.publish_window = publish_window
+        self.publisher = publisher
         self.is_transient = is_transient
         self.ready = threading.Event()
         self._queue: queue.Queue[_Received | Callable[[], Batch] | None] = queue.Queue()
@@ -346,17 +354,32 @@ class MqttBridge:
         """
         flight = _Flight(batch.id, deque())
         self._in_flight.append(flight)
-        for e in batch.entries:
-            while self._outstanding >= self.publish_window and not self._stopping.is_set():
-                self._collect()
-                if self._outstanding >= self.publish_window:
-                    # a short poll, only while the window is full: an on_publish callback signalling
-                    # every PUBACK cost more than the rest of the acknowledgement's handling
-                    self._stopping.wait(0.002)
-            topic = self.topics.of(e.kind, e.key)
-            flight.infos.append(self.client.publish(topic, e.payload, qos=1, retain=e.retain))
-            self._outstanding += 1
+        if self.publisher is not None and batch.entries:
+            self._wait_for_window()
+            events = [(self.topics.of(e.kind, e.key), e.payload, e.retain) for e in batch.entries]
+            taken = self.publisher(events)
+
+            def check() -> bool:
+                return taken.done() and taken.exception() is None  # a failure stays in the outbox
+
+            flight.pending.extend(check for _ in events)
+            self._outstanding += len(events)
+        else:
+            for e in batch.entries:
+                self._wait_for_window()
+                topic = self.topics.of(e.kind, e.key)
+                info = self.client.publish(topic, e.payload, qos=1, retain=e.retain)
+                flight.pending.append(partial(acknowledged, info))
+                self._outstanding += 1
         flight.complete = True
+
+    def _wait_for_window(self) -> None:
+        while self._outstanding >= self.publish_window and not self._stopping.is_set():
+            self._collect()
+            if self._outstanding >= self.publish_window:
+                # a short poll, only while the window is full: an on_publish callback signalling
+                # every PUBACK cost more than the rest of the acknowledgement's handling
+                self._stopping.wait(0.002)
 
     def _collect(self) -> None:
         """Moves batches whose every event the broker has acknowledged to `_acknowledged`.
@@ -366,10 +389,10 @@ class MqttBridge:
         """
         while self._in_flight:
             flight = self._in_flight[0]
-            while flight.infos and acknowledged(flight.infos[0]):
-                flight.infos.popleft()
+            while flight.pending and flight.pending[0]():
+                flight.pending.popleft()
                 self._outstanding -= 1
-            if flight.infos or not flight.complete:
+            if flight.pending or not flight.complete:
                 break
             self._in_flight.popleft()
             if flight.batch_id:

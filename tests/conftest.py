@@ -210,6 +210,7 @@ class EmbeddedBroker:
             self._error = exc
             self._ready.set()
             return
+        self.broker = broker
         self._ready.set()
         await self._stop.wait()
         await broker.shutdown()
@@ -220,6 +221,13 @@ class EmbeddedBroker:
         if self._error:
             raise self._error
         return self
+
+    def publisher(self) -> object:
+        """What `chat-bridge serve` gives the bridge with its embedded broker: events in-process."""
+        from bridge.broker import InProcessPublisher
+
+        assert self._loop is not None
+        return InProcessPublisher(self.broker, self._loop)
 
     def stop(self) -> None:
         if self._loop and self._stop:
@@ -236,7 +244,7 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
 
 @contextmanager
 def running_bridge(
-    port: int, database_url: str, credentials: str = "", **settings: object
+    port: int, database_url: str, credentials: str = "", publisher: object = None, **settings: object
 ) -> Iterator[object]:
     """The bridge, in this process, against the broker on `port`; ready when its status is online."""
     from bridge.cli import build_bridge
@@ -245,7 +253,7 @@ def running_bridge(
     url = f"mqtt://{credentials + '@' if credentials else ''}127.0.0.1:{port}"
     settings.setdefault("rate_limit", 0)  # bursts in tests are deliberate; the limit has tests of its own
     config = Settings(broker_url=url, database_url=database_url, **settings)  # type: ignore[arg-type]
-    bridge = build_bridge(config)
+    bridge = build_bridge(config, publisher=publisher)  # type: ignore[arg-type]
     bridge.start()
     try:
         if not bridge.ready.wait(15):

@@ -16,7 +16,9 @@ from conftest import Mosquitto, running_bridge
 from paho.mqtt.enums import CallbackAPIVersion
 
 
-def test_a_storm_bigger_than_the_publish_window_loses_no_event(mosquitto: Mosquitto, tmp_path: object) -> None:
+def test_a_storm_bigger_than_the_publish_window_loses_no_event(
+    mosquitto: Mosquitto, tmp_path: object
+) -> None:
     users = 40
     # each connect: `connected` to its user, `user-connected` to every active user (itself included)
     expected = users + users * (users + 1) // 2
@@ -38,7 +40,9 @@ def test_a_storm_bigger_than_the_publish_window_loses_no_event(mosquitto: Mosqui
     assert subscribed.wait(10)
     with running_bridge(mosquitto.port, f"sqlite:///{tmp_path}/c.sqlite3", publish_window=4) as bridge:
         for i in range(users):
-            watcher.publish(f"chat/v1/users/u{i}/commands/connect", orjson.dumps({"session_id": f"s{i}"}), qos=1)
+            watcher.publish(
+                f"chat/v1/users/u{i}/commands/connect", orjson.dumps({"session_id": f"s{i}"}), qos=1
+            )
         assert all_seen.wait(60), f"{len(seen)} of {expected} events arrived"
         assert sum(e["type"] == "connected" for e in seen) == users
         assert sum(e["type"] == "user-connected" for e in seen) == expected - users

@@ -75,5 +75,9 @@ def test_sequence_over_mosquitto(mosquitto: Mosquitto, database_url: str) -> Non
 
 
 def test_sequence_over_embedded_broker(embedded_broker: EmbeddedBroker, tmp_path: Any) -> None:
-    with running_bridge(embedded_broker.port, f"sqlite:///{tmp_path / 'chat.sqlite3'}"):
+    with running_bridge(
+        embedded_broker.port,
+        f"sqlite:///{tmp_path / 'chat.sqlite3'}",
+        publisher=embedded_broker.publisher(),
+    ):
         chat_sequence(embedded_broker.port)

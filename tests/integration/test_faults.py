@@ -48,8 +48,10 @@ def observer(port: int) -> ChatClient:
 def test_sigkilled_client_is_reported_disconnected(
     broker: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    port = request.getfixturevalue("mosquitto" if broker == "mosquitto" else "embedded_broker").port
-    with running_bridge(port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
+    server = request.getfixturevalue("mosquitto" if broker == "mosquitto" else "embedded_broker")
+    port = server.port
+    publisher = server.publisher() if broker == "embedded" else None
+    with running_bridge(port, f"sqlite:///{tmp_path / 'c.sqlite3'}", publisher=publisher):
         bob = observer(port)
         with client_process("carol", port, keepalive=30) as (proc, _session):
             bob.wait_for(lambda e: e["type"] == "user-connected" and e["data"]["user"]["user_id"] == "carol")
@@ -66,7 +68,9 @@ def test_sigstopped_client_will_fires_on_embedded_broker(
 ) -> None:
     """amqtt alone never fires this will (upstream #308); our watchdog must, within 1.5 x keepalive + ~1 s."""
     keepalive = 2
-    with running_bridge(embedded_broker.port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
+    with running_bridge(
+        embedded_broker.port, f"sqlite:///{tmp_path / 'c.sqlite3'}", publisher=embedded_broker.publisher()
+    ):
         bob = observer(embedded_broker.port)
         with client_process("dave", embedded_broker.port, keepalive=keepalive) as (proc, _session):
             bob.wait_for(lambda e: e["type"] == "user-connected" and e["data"]["user"]["user_id"] == "dave")
@@ -84,7 +88,9 @@ def test_live_client_with_short_keepalive_is_not_dropped(
     embedded_broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     """The watchdog must not cut a client that pings on time."""
-    with running_bridge(embedded_broker.port, f"sqlite:///{tmp_path / 'c.sqlite3'}"):
+    with running_bridge(
+        embedded_broker.port, f"sqlite:///{tmp_path / 'c.sqlite3'}", publisher=embedded_broker.publisher()
+    ):
         erin = ChatClient("erin", "127.0.0.1", embedded_broker.port, keepalive=1).start()
         erin.connect_chat()
         erin.next_of("user-connected")

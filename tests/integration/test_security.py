@@ -30,7 +30,9 @@ def secured(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 
     embedded = EmbeddedBroker(Security(write_accounts(tmp_path / "passwd"), "internal-secret")).start()
     try:
-        with running_bridge(embedded.port, db, credentials="chat-bridge:internal-secret"):
+        with running_bridge(
+            embedded.port, db, credentials="chat-bridge:internal-secret", publisher=embedded.publisher()
+        ):
             yield embedded.port
     finally:
         embedded.stop()
