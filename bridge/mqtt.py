@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from . import core
 from . import protocol as p
 from .config import BrokerAddress
 from .model import OutboxEntry
@@ -284,38 +285,45 @@ class MqttBridge:
             if callable(item):
                 self._send(self._retrying(item))
                 return True
-            batch = self._refuse_over_limit(self._gather(item))
-            if not batch:
-                return True
-            inbound = [r.inbound for r in batch]
-            result = self._retrying(
-                partial(self.service.handle_batch, inbound, self._published(), admitted=True),
-                partial(self.service.internal_errors, inbound),
-            )
+            batch, refused = self._split_over_limit(self._gather(item))
+            result = None
+            if batch:
+                inbound = [r.inbound for r in batch]
+                result = self._retrying(
+                    partial(self.service.handle_batch, inbound, self._published(), admitted=True),
+                    partial(self.service.internal_errors, inbound),
+                )
         except _Abandoned:
             log.warning("stopped with uncommitted commands in hand; the broker will redeliver them")
             return False
-        self._send(result)
-        for r in batch:
-            if r.qos:
-                self.client.ack(r.mid, r.qos)
+        if result is not None:
+            self._send(result)
+            self._ack(batch)
+        if refused:
+            # after the admitted commands: a flooder's refusals never delay the others' answers
+            answers = [answer for _, answer in refused]
+            self._send(Batch("", answers, encode(answers, "")))
+            self._ack([r for r, _ in refused])
         return True
 
-    def _refuse_over_limit(self, batch: list[_Received]) -> list[_Received]:
-        """Answers and acknowledges rate-limited commands at once, without storage (they change nothing,
-        so a flood costs no transaction); returns the admitted ones."""
-        admitted, refusals = [], []
+    def _ack(self, received: list[_Received]) -> None:
+        for r in received:
+            if r.qos:
+                self.client.ack(r.mid, r.qos)
+
+    def _split_over_limit(
+        self, batch: list[_Received]
+    ) -> tuple[list[_Received], list[tuple[_Received, core.Delivery]]]:
+        """The admitted commands, and the rate-limited ones with their `rate-limited` answers: those
+        change nothing, so they need no storage and a flood costs no transaction."""
+        admitted, refused = [], []
         for r in batch:
-            refused = self.service.refusal(r.inbound)
-            if refused is None:
+            answer = self.service.refusal(r.inbound)
+            if answer is None:
                 admitted.append(r)
             else:
-                refusals.append(refused)
-                if r.qos:
-                    self.client.ack(r.mid, r.qos)
-        if refusals:
-            self._send(Batch("", refusals, encode(refusals, "")))
-        return admitted
+                refused.append((r, answer))
+        return admitted, refused
 
     def _gather(self, first: _Received) -> list[_Received]:
         """The first command and whatever else already waits, up to batch_max: one transaction."""
