@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_bridge(
     settings: Settings, broker: BrokerAddress | None = None, publisher: Publisher | None = None
 ) -> MqttBridge:
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, background_checkpoints=True)
     init_db(engine, wall_clock_ms())
     service = Service(
         SqlUnitOfWork(engine),

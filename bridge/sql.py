@@ -7,6 +7,10 @@ queries are keyset queries on (conversation_id, seq); there is no OFFSET.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import threading
+import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -589,10 +593,17 @@ class SqlStore:
         ]
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for the URL; SQLite gets WAL, real savepoints and BEGIN IMMEDIATE."""
+def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
+    """An engine for the URL; SQLite gets WAL, real savepoints and BEGIN IMMEDIATE.
+
+    `background_checkpoints` (SQLite files): a thread copies the WAL into the database every half
+    second, instead of whichever commit crosses 1,000 pages doing it while the bridge waits; at
+    500 msg/s that commit was the slowest 1 % (bench/throughput.py: p99 3.4 -> 2.2 ms).
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        database = engine.url.database
+        checkpointing = background_checkpoints and bool(database) and database != ":memory:"
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -601,14 +612,43 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
+            if checkpointing:
+                cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
 
+        if checkpointing:
+            assert database is not None
+            threading.Thread(
+                target=_checkpoints,
+                args=(database, weakref.ref(engine)),
+                name="sqlite-checkpoints",
+                daemon=True,
+            ).start()
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _checkpoints(path: str, engine: weakref.ref[Engine], every: float = 0.5) -> None:
+    """Checkpoints the WAL of `path` on a connection of its own (PASSIVE: never blocks a writer), for as
+    long as the engine lives."""
+    conn: sqlite3.Connection | None = None
+    while engine() is not None:
+        try:
+            if conn is None:
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            _busy, log_frames, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if log_frames == -1:  # opened before the file was switched to WAL: open it again
+                conn.close()
+                conn = None
+        except sqlite3.Error:
+            log.warning("WAL checkpoint of %s failed; retrying", path, exc_info=True)
+        time.sleep(every)
+    if conn is not None:
+        conn.close()
 
 
 class SqlUnitOfWork:
