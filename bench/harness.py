@@ -59,49 +59,24 @@ def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 30) -
         raise RuntimeError(f"process never printed {text!r}")
 
 
-def start_bridge(port: int, database_url: str | None = None, *extra: str) -> subprocess.Popen[str]:
-    db = database_url or f"sqlite:///{tempfile.mkdtemp(prefix='chat-bench-')}/bench.sqlite3"
+def _serve(*args: str) -> subprocess.Popen[str]:
+    """`chat-bridge serve ARGS`, once it says it is online."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bridge",
-            "serve",
-            "--broker-url",
-            f"mqtt://127.0.0.1:{port}",
-            "--database-url",
-            db,
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+        [sys.executable, "-m", "bridge", "serve", *args], stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
     wait_for_line(proc, "bridge online")
     return proc
 
 
+def start_bridge(port: int, database_url: str | None = None, *extra: str) -> subprocess.Popen[str]:
+    db = database_url or f"sqlite:///{tempfile.mkdtemp(prefix='chat-bench-')}/bench.sqlite3"
+    return _serve("--broker-url", f"mqtt://127.0.0.1:{port}", "--database-url", db, *extra)
+
+
 def start_embedded(database_url: str, *extra: str) -> tuple[subprocess.Popen[str], int]:
     """`chat-bridge serve` with its embedded amqtt broker on a free port; (process, port)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bridge",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--database-url",
-            database_url,
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    wait_for_line(proc, "bridge online")
-    return proc, port
+    return _serve("--listen", f"127.0.0.1:{port}", "--database-url", database_url, *extra), port
 
 
 def percentile(values: list[float], q: float) -> float:

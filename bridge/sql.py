@@ -6,6 +6,7 @@ queries are keyset queries on (conversation_id, seq); there is no OFFSET.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -191,11 +192,9 @@ def _statements() -> dict[str, tuple[ClauseElement, list[str] | None]]:
             ),
             None,
         ),
-        "update_session": (
-            update(sessions)
-            .where(sessions.c.user_id == b("user_id"), sessions.c.session_id == b("session_id"))
-            .values(epoch=b("epoch_"), started_ms=b("started"), ended_ms=b("ended")),
-            None,
+        "update_session": (  # SET binds take the column names; the WHERE ones may not
+            update(sessions).where(sessions.c.user_id == b("uid"), sessions.c.session_id == b("sid")),
+            ["epoch", "started_ms", "ended_ms"],
         ),
         "insert_session": (
             insert(sessions).inline(),
@@ -454,23 +453,9 @@ class SqlStore:
         return ChatSession(*row) if row else None
 
     def save_session(self, s: ChatSession) -> None:
-        done = self._exec(
-            "update_session",
-            user_id=s.user_id,
-            session_id=s.session_id,
-            epoch_=s.epoch,
-            started=s.started_ms,
-            ended=s.ended_ms,
-        )
-        if done.rowcount == 0:
-            self._exec(
-                "insert_session",
-                user_id=s.user_id,
-                session_id=s.session_id,
-                epoch=s.epoch,
-                started_ms=s.started_ms,
-                ended_ms=s.ended_ms,
-            )
+        row = dataclasses.asdict(s)
+        if self._exec("update_session", uid=s.user_id, sid=s.session_id, **row).rowcount == 0:
+            self._exec("insert_session", **row)
 
     def has_active_session(self, user_id: str) -> bool:
         return self._exec("has_active_session", user_id=user_id).fetchone() is not None
