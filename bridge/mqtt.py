@@ -95,6 +95,14 @@ def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _report_failure(taken: concurrent.futures.Future[None]) -> None:
+    if not taken.cancelled() and taken.exception() is not None:
+        log.error(
+            "the embedded broker refused events (%s); they stay in the outbox for the next start",
+            taken.exception(),
+        )
+
+
 class _Abandoned(Exception):
     """The bridge stops while storage is down; what is in hand stays unacknowledged."""
 
@@ -366,6 +374,7 @@ class MqttBridge:
             self._wait_for_window()
             events = [(self.topics.of(e.kind, e.key), e.payload, e.retain) for e in batch.entries]
             taken = self.publisher(events)
+            taken.add_done_callback(_report_failure)
 
             def check() -> bool:
                 return taken.done() and taken.exception() is None  # a failure stays in the outbox
