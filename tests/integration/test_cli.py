@@ -87,7 +87,12 @@ def test_busy_port_fails_fast_and_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_bad_options_are_reported_without_a_traceback(tmp_path: Path) -> None:
-    for args in (["--listen", "nonsense"], ["--broker-url", "http://x"], ["--topic-prefix", "a/#"]):
+    for args in (
+        ["--listen", "nonsense"],
+        ["--broker-url", "http://x"],
+        ["--topic-prefix", "a/#"],
+        ["--presence", "sometimes"],
+    ):
         result = subprocess.run(serve_cmd(*args), cwd=tmp_path, capture_output=True, text=True, timeout=30)
         assert result.returncode == 2, args
         assert "chat-bridge:" in result.stderr and "Traceback" not in result.stderr, result.stderr
