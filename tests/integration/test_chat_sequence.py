@@ -81,3 +81,20 @@ def test_sequence_over_embedded_broker(embedded_broker: EmbeddedBroker, tmp_path
         publisher=embedded_broker.publisher(),
     ):
         chat_sequence(embedded_broker.port)
+
+
+def test_retained_presence_mode_end_to_end(mosquitto: Any, tmp_path: Any) -> None:
+    """`--presence retained`: others learn of alice from the retained presence topic, not their inbox."""
+    with running_bridge(mosquitto.port, f"sqlite:///{tmp_path / 'chat.sqlite3'}", presence="retained"):
+        bob = ChatClient("bob", "127.0.0.1", mosquitto.port).start()
+        assert bob.connect_chat()["data"]["active_users"] == []
+        alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
+        alice.connect_chat()
+        bob.wait_retained("chat/v1/presence/alice", lambda s: s["status"] == "online")
+        alice.stop()  # publishes its chat disconnect
+        bob.wait_retained("chat/v1/presence/alice", lambda s: s["status"] == "offline")
+        # a round trip: everything the bridge sent bob before this answer has arrived
+        users = bob.request("get-active-users")["data"]["users"]
+        assert [u["user_id"] for u in users] == ["bob"]
+        assert [e["type"] for e in bob.seen] == []  # no user-connected / user-disconnected in his inbox
+        bob.stop()
