@@ -434,7 +434,7 @@ class MqttBridge:
 
         A failure that is not an outage is retried a few times, then answered by `fallback`.
         """
-        delay, failures, outage_since = 0.5, 0, 0.0
+        delay, failures, outage_since, reconnected = 0.5, 0, 0.0, False
         while True:
             try:
                 result = job()
@@ -442,6 +442,12 @@ class MqttBridge:
                     log.info("storage is back after %.1fs; carrying on", time.monotonic() - outage_since)
                 return result
             except Exception as exc:
+                if getattr(exc, "connection_invalidated", False) and not reconnected:
+                    # A pooled connection the server had closed (a restart, an idle timeout): connections
+                    # are not pinged before use, so try a fresh one at once before calling it an outage.
+                    reconnected = True
+                    log.info("the database connection was lost (%s); reconnecting", type(exc).__name__)
+                    continue
                 if self.is_transient(exc):
                     outage_since = outage_since or time.monotonic()
                     log.warning(

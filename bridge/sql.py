@@ -614,7 +614,9 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
                 daemon=True,
             ).start()
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # No pool_pre_ping (a round trip per transaction): a connection found dead is invalidated by the
+    # store and the bridge retries at once on a fresh one (MqttBridge._retrying).
+    return create_engine(url)
 
 
 def _checkpoints(path: str, engine: weakref.ref[Engine], every: float = 0.5) -> None:

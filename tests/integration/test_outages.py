@@ -108,3 +108,31 @@ def test_sessions_not_re_announced_after_a_bridge_restart_end(mosquitto: Mosquit
         users = bob.request("get-active-users")["data"]["users"]
         assert [u["user_id"] for u in users] == ["bob"]
     bob.stop()
+
+
+def test_a_postgres_restart_costs_no_retry_delay(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pooled connections are not pinged before use: one the server closed is replaced at once."""
+    import psycopg
+
+    with scratch_postgres() as url:
+        caplog.set_level(logging.INFO, logger="bridge")
+        with running_bridge(mosquitto.port, url):
+            alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
+            alice.connect_chat()
+            alice.request("send-message", conversation_id="global", body="before")
+            name = make_url(url).database
+            admin = make_url(url).set(drivername="postgresql", database="postgres")
+            with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+                killed = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                ).fetchone()
+            assert killed and killed[0] >= 1  # the bridge's pooled connection is gone
+            answer = alice.request("send-message", conversation_id="global", body="after", timeout=5)
+            assert answer["type"] == "message-added" and answer["data"]["message"]["seq"] == 2
+            alice.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("bridge")]
+    assert any(line.startswith("the database connection was lost") for line in lines), lines
+    assert not any(line.startswith("storage unavailable") for line in lines), lines
