@@ -325,7 +325,23 @@ def _statements() -> dict[str, tuple[ClauseElement, list[str] | None]]:
 class _Prepared:
     sql: str
     positions: tuple[str, ...] | None  # bind names in order, for drivers with positional parameters
-    constants: dict[str, Any]  # values SQLAlchemy bound itself, such as a LIMIT 1
+    constants: dict[str, Any]  # values bound in the statement itself, such as a LIMIT 1 or an IN list
+
+    @classmethod
+    def compile(
+        cls, stmt: ClauseElement, dialect: Dialect, columns: list[str] | None = None, **kwargs: Any
+    ) -> _Prepared:
+        compiled = cast(
+            SQLCompiler, stmt.compile(dialect=dialect, column_keys=columns, compile_kwargs=kwargs)
+        )
+        positions = tuple(compiled.positiontup or ()) if dialect.positional else None
+        binds = compiled.binds
+        constants = {  # what the caller passes (required binds, columns of an INSERT/UPDATE) is not here
+            key: value
+            for key, value in compiled.params.items()
+            if value is not None and not (key in binds and binds[key].required)
+        }
+        return cls(str(compiled), positions, constants)
 
     def args(self, params: dict[str, Any]) -> Any:
         if self.constants:
@@ -335,15 +351,9 @@ class _Prepared:
 
 def prepare(dialect: Dialect) -> dict[str, _Prepared]:
     """The store's statements compiled once for a dialect (SQLAlchemy builds the SQL; the driver runs it)."""
-    prepared = {}
-    for name, (stmt, columns) in _statements().items():
-        compiled = cast(SQLCompiler, stmt.compile(dialect=dialect, column_keys=columns))
-        positions = tuple(compiled.positiontup or ()) if dialect.positional else None
-        constants = {
-            key: bind.value for key, bind in compiled.binds.items() if not bind.required and key[0] != "%"
-        }
-        prepared[name] = _Prepared(str(compiled), positions, constants)
-    return prepared
+    return {
+        name: _Prepared.compile(stmt, dialect, columns) for name, (stmt, columns) in _statements().items()
+    }
 
 
 class SqlStore:
@@ -388,13 +398,8 @@ class SqlStore:
 
     def _core(self, stmt: ClauseElement) -> Any:
         """A statement that varies per call (an IN list), compiled here."""
-        compiled = cast(
-            SQLCompiler, stmt.compile(dialect=self.dialect, compile_kwargs={"render_postcompile": True})
-        )
-        params = compiled.params
-        if self.dialect.positional:
-            return self._run(str(compiled), tuple(params[name] for name in compiled.positiontup or ()))
-        return self._run(str(compiled), params)
+        q = _Prepared.compile(stmt, self.dialect, render_postcompile=True)
+        return self._run(q.sql, q.args({}))
 
     def _exec(self, name: str, /, **params: Any) -> Any:
         q = self.q[name]
