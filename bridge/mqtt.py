@@ -309,8 +309,9 @@ class MqttBridge:
             self._ack(batch)
         if refused:
             # after the admitted commands: a flooder's refusals never delay the others' answers
-            answers = [answer for _, answer in refused]
-            self._send(Batch("", answers, encode(answers, "")))
+            answers = [answer for _, some in refused for answer in some]
+            if answers:
+                self._send(Batch("", answers, encode(answers, "")))
             self._ack([r for r, _ in refused])
         return True
 
@@ -321,16 +322,16 @@ class MqttBridge:
 
     def _split_over_limit(
         self, batch: list[_Received]
-    ) -> tuple[list[_Received], list[tuple[_Received, core.Delivery]]]:
-        """The admitted commands, and the rate-limited ones with their `rate-limited` answers: those
-        change nothing, so they need no storage and a flood costs no transaction."""
+    ) -> tuple[list[_Received], list[tuple[_Received, list[core.Delivery]]]]:
+        """The admitted commands, and the rate-limited ones with their `rate-limited` answers (if any):
+        those change nothing, so they need no storage and a flood costs no transaction."""
         admitted, refused = [], []
         for r in batch:
-            answer = self.service.refusal(r.inbound)
-            if answer is None:
+            answers = self.service.refusal(r.inbound)
+            if answers is None:
                 admitted.append(r)
             else:
-                refused.append((r, answer))
+                refused.append((r, answers))
         return admitted, refused
 
     def _gather(self, first: _Received) -> list[_Received]:

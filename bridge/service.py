@@ -23,6 +23,8 @@ from .model import Conflict, OutboxEntry, Store, UnitOfWork
 
 log = logging.getLogger(__name__)
 
+FLOOD_REPORT_MS = 60_000
+
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
@@ -118,6 +120,7 @@ class Service:
         self.broadcast_presence = broadcast_presence
         self._known: set[str] = set()  # senders whose user row is committed: no need to look them up again
         self._registered: set[str] = set()  # senders registered by the transaction in progress
+        self._flood_reported: dict[str, int] = {}  # user -> when we last warned that it floods
 
     def handle_batch(
         self, items: Sequence[Inbound], published: Sequence[str] = (), *, admitted: bool = False
@@ -134,7 +137,7 @@ class Service:
             store.forget_outbox(published)
             for item in items:
                 refused = None if admitted else self.refusal(item)
-                out.extend([refused] if refused else self._handle(store, item))
+                out.extend(self._handle(store, item) if refused is None else refused)
             batch = self._outbox(store, out)
         self._known |= self._registered  # committed: these senders' rows exist now
         return batch
@@ -158,16 +161,34 @@ class Service:
         store.add_outbox(batch.entries)
         return batch
 
-    def refusal(self, item: Inbound) -> core.Delivery | None:
-        """The `rate-limited` answer when the sender is over its limit, else None. Needs no storage."""
+    def refusal(self, item: Inbound) -> list[core.Delivery] | None:
+        """None when the sender is within its rate limit. Otherwise the command does nothing and the
+        answer is `rate-limited`, or nothing at all once the sender has ignored `retry_after` for
+        longer than its answer budget (`RateLimiter.answer_refusal`). Needs no storage."""
         if self.limiter is None or item.command == "disconnect":  # wills always go through
             return None
-        wait = self.limiter.take(item.user_id, self.clock())
+        now = self.clock()
+        wait = self.limiter.take(item.user_id, now)
         if not wait:
             return None
+        if not self.limiter.answer_refusal(item.user_id, now):
+            self._report_flood(item.user_id, now)
+            return []
         error = RateLimited(f"too many commands; retry in {wait:.3f}s", retry_after=wait)
         command = item.command if item.command in p.COMMANDS else None
-        return self._error(item.user_id, error, command, request_id_of(item.payload))
+        return [self._error(item.user_id, error, command, request_id_of(item.payload))]
+
+    def _report_flood(self, user_id: str, now: int) -> None:
+        """One warning per flooding user per minute, not one per dropped command."""
+        if now - self._flood_reported.get(user_id, -FLOOD_REPORT_MS) < FLOOD_REPORT_MS:
+            return
+        if len(self._flood_reported) >= 10_000:
+            self._flood_reported.clear()
+        self._flood_reported[user_id] = now
+        log.warning(
+            "%s keeps sending while rate-limited; its refused commands go unanswered until it slows down",
+            user_id,
+        )
 
     def internal_errors(self, items: Sequence[Inbound]) -> Batch:
         """Answers for commands whose batch could not be committed at all (not stored: no outbox)."""

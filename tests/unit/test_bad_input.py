@@ -125,6 +125,34 @@ def test_rate_limit_answers_rate_limited_with_retry_after_and_changes_nothing() 
     assert [m["body"] for m in history] == ["m0", "m1", "m2", "hi", "later"]
 
 
+def test_a_sender_ignoring_retry_after_gets_no_more_answers_until_it_slows_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refusals have their own budget (same rate and burst): a flood is not reflected back."""
+    from bridge.limits import RateLimiter
+
+    w = World()
+    w.service.limiter = RateLimiter(rate=1, burst=2)
+    w.now = 1_000_000  # the fake clock advances 1 ms per reading: refills are negligible here
+    before = None
+    outs = []
+    for i in range(8):
+        if i == 2:
+            before = snapshot(w)
+        outs.append(w.do("alice", "send-message", conversation_id="global", body=f"m{i}", request_id=f"q{i}"))
+    assert [o.types("alice") for o in outs] == [["message-added"]] * 2 + [["error"]] * 2 + [[]] * 4
+    assert all(o.deliveries == [] for o in outs[4:])  # nothing for anyone
+    assert snapshot(w) == before  # refused, answered or not, changes nothing
+    assert [r.message for r in caplog.records].count(
+        "alice keeps sending while rate-limited; its refused commands go unanswered until it slows down"
+    ) == 1  # one warning, not one per dropped command
+    # others are not affected, and once alice waits, she is served and answered again
+    assert w.do("bob", "send-message", conversation_id="global", body="hi").answer["type"] == "message-added"
+    w.now += 1_500
+    assert w.do("alice", "get-active-users", request_id="r1").answer["type"] == "active-users"
+    assert w.do("alice", "get-active-users", request_id="r2").error == "rate-limited"
+
+
 def test_disconnect_is_never_rate_limited() -> None:
     from bridge.limits import RateLimiter
 
