@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from pathlib import Path
+
 import orjson
+import pytest
 from chatclient import ChatClient
-from conftest import Mosquitto, running_bridge
+from conftest import Mosquitto, flood_guard, mosquitto_available, running_bridge
 
 
 def test_flooder_is_limited_while_others_chat(mosquitto: Mosquitto, tmp_path: object) -> None:
-    flood = 600
-    with running_bridge(mosquitto.port, f"sqlite:///{tmp_path}/c.sqlite3", rate_limit=20.0, rate_burst=50):
+    flood, rate, burst = 600, 20.0, 50
+    with running_bridge(mosquitto.port, f"sqlite:///{tmp_path}/c.sqlite3", rate_limit=rate, rate_burst=burst):
         mallory = ChatClient("mallory", "127.0.0.1", mosquitto.port).start()
         bob = ChatClient("bob", "127.0.0.1", mosquitto.port).start()
         alice = ChatClient("alice", "127.0.0.1", mosquitto.port).start()
@@ -18,6 +23,7 @@ def test_flooder_is_limited_while_others_chat(mosquitto: Mosquitto, tmp_path: ob
         cid = bob.request("create-conversation", kind="direct", participants=["alice"])["data"][
             "conversation"
         ]["conversation_id"]
+        started = time.monotonic()
         for i in range(flood):
             mallory.client.publish(
                 mallory.topic("send-message"),
@@ -36,17 +42,36 @@ def test_flooder_is_limited_while_others_chat(mosquitto: Mosquitto, tmp_path: ob
             for _ in range(0, flood, 30)
         ]
         assert got == [f"during flood {i}" for i in range(0, flood, 30)]
-        answers = [mallory.answer(f"s{i}", timeout=30) for i in range(flood)]
-        limited = [a for a in answers if a["type"] == "error"]
+        # `disconnect` is never limited and comes after the flood in the bridge's one ordered stream:
+        # once mallory sees herself offline, every answer the bridge gave her has arrived.
+        mallory.publish_raw(
+            "disconnect", orjson.dumps({"session_id": mallory.session_id, "reason": "client"})
+        )
+        mallory.wait_retained("chat/v1/presence/mallory", lambda v: v["status"] == "offline", timeout=30)
+        elapsed = time.monotonic() - started
+        answers = {}
+        while not mallory.events.empty():
+            e = mallory.events.get()
+            if (e.get("request_id") or "").startswith("s"):
+                answers[e["request_id"]] = e
+        for e in mallory.seen:
+            if (e.get("request_id") or "").startswith("s"):
+                answers[e["request_id"]] = e
+        admitted = [a for a in answers.values() if a["type"] == "message-added"]
+        limited = [a for a in answers.values() if a["type"] == "error"]
         assert limited and all(
             a["data"]["code"] == "rate-limited" and a["data"]["retry_after"] > 0 for a in limited
         )
+        # refusals have their own budget (burst, then `rate` per second): the rest go unanswered
+        assert len(limited) <= burst + rate * elapsed + 1
+        assert len(admitted) + len(limited) < flood
         stored = alice.request("get-messages", conversation_id="global", since_seq=0, limit=500)["data"][
             "messages"
         ]
-        assert len(stored) == flood - len(limited) < flood
-        for c in (mallory, bob, alice):
+        assert sorted(m["body"] for m in stored) == sorted(f"spam {a['request_id'][1:]}" for a in admitted)
+        for c in (bob, alice):
             c.stop()
+        mallory.stop(clean=False)
 
 
 def test_garbage_on_every_command_topic_never_stops_the_bridge(
@@ -85,3 +110,51 @@ def test_garbage_on_every_command_topic_never_stops_the_bridge(
         }
         assert mallory.connect_chat()["type"] == "connected"  # still serving
         mallory.stop()
+
+
+def test_the_flood_guard_drops_a_flood_in_the_broker_but_never_a_will(tmp_path: Path) -> None:
+    """Mosquitto's flood-guard plugin (shipped in mosquitto.conf): one client's commands over its
+    rate never reach the bridge, the bridge's own events are not limited, and a last will always
+    goes through, however much the client had sent before."""
+    if not mosquitto_available():
+        pytest.skip("the mosquitto binary is not installed (scripts/test installs it)")
+    rate, burst, flood = 5, 20, 300
+    guard = (f"plugin {flood_guard()}", f"plugin_opt_rate {rate}", f"plugin_opt_burst {burst}")
+    broker = Mosquitto(tmp_path, extra=guard).start()
+    try:
+        # the bridge's own limit off: every command that reaches it is applied
+        with running_bridge(broker.port, f"sqlite:///{tmp_path}/c.sqlite3"):
+            mallory = ChatClient("mallory", "127.0.0.1", broker.port).start()
+            bob = ChatClient("bob", "127.0.0.1", broker.port).start()
+            mallory.connect_chat()  # one of mallory's `burst`
+            bob.connect_chat()
+            started = time.monotonic()
+            infos = [
+                mallory.client.publish(
+                    mallory.topic("send-message"),
+                    orjson.dumps({"conversation_id": "global", "body": f"spam {i}", "request_id": f"s{i}"}),
+                    qos=1,
+                )
+                for i in range(flood)
+            ]
+            for info in infos:
+                info.wait_for_publish(30)  # the broker acknowledges what it drops, too
+            elapsed = time.monotonic() - started
+            # bob's command comes after the whole flood in the bridge's one ordered stream
+            stored = bob.request("get-messages", conversation_id="global", since_seq=0, limit=500)["data"][
+                "messages"
+            ]
+            spam = [m for m in stored if m["sender_id"] == "mallory"]
+            assert burst - 1 <= len(spam) <= burst + rate * elapsed + 1
+            assert len(spam) < flood
+            assert any("chat flood guard: dropping commands from" in line for line in broker.log)
+            # mallory's bucket is empty; her connection drops: the broker's last will still goes through
+            mallory.client.loop_stop()
+            sock = mallory.client.socket()
+            assert isinstance(sock, socket.socket)
+            sock.shutdown(socket.SHUT_RDWR)
+            offline = bob.wait_retained("chat/v1/presence/mallory", lambda v: v["status"] == "offline")
+            assert offline["user_id"] == "mallory"
+            bob.stop()
+    finally:
+        broker.stop()
