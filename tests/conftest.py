@@ -41,6 +41,7 @@ class Mosquitto:
         workdir: Path,
         conf: Path = ROOT / "mosquitto" / "dev.conf",
         replace: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.ws_port = free_port()
@@ -55,6 +56,7 @@ class Mosquitto:
                 out.append(f"{key} {replace[key]}")
             elif key != "user":
                 out.append(line)
+        out.extend(extra)
         if os.geteuid() == 0:
             out.insert(
                 0, "user root"
@@ -93,6 +95,19 @@ def mosquitto_available() -> bool:
     return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
 
 
+FLOOD_GUARD = ROOT / "mosquitto" / "plugins" / "chat_flood_guard.so"
+
+
+def flood_guard() -> Path:
+    """The Mosquitto flood-guard plugin that mosquitto.conf loads, built if missing (as scripts/test does)."""
+    if (
+        not FLOOD_GUARD.exists()
+        or FLOOD_GUARD.stat().st_mtime < FLOOD_GUARD.with_name("flood_guard.c").stat().st_mtime
+    ):
+        subprocess.run(["bash", str(ROOT / "scripts" / "build-flood-guard")], check=True)
+    return FLOOD_GUARD
+
+
 ACCOUNTS = {
     "alice": "alice-pw",
     "bob": "bob-pw",
@@ -115,6 +130,7 @@ def secure_mosquitto(tmp_path: Path) -> Iterator[tuple[Mosquitto, Path]]:
     if not mosquitto_available():
         pytest.skip("the mosquitto binary is not installed (scripts/test installs it)")
     password_file = write_accounts(tmp_path / "passwd")
+    guard = flood_guard()
     data = tmp_path / "data"
     data.mkdir()
     broker = Mosquitto(
@@ -124,6 +140,7 @@ def secure_mosquitto(tmp_path: Path) -> Iterator[tuple[Mosquitto, Path]]:
             "password_file": str(password_file),
             "acl_file": str(ROOT / "mosquitto" / "acl"),
             "persistence_location": f"{data}/",
+            "plugin": str(guard),
         },
     ).start()
     yield broker, password_file
