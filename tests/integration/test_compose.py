@@ -65,6 +65,19 @@ def test_bridge_environment_matches_the_acl_and_the_database() -> None:
     assert env["CHAT_BRIDGE_TOPIC_PREFIX"] in (ROOT / "mosquitto/acl").read_text()
 
 
+def test_mosquitto_image_builds_the_flood_guard_where_the_config_loads_it() -> None:
+    build = compose()["services"]["mosquitto"]["build"]
+    text = (ROOT / build["dockerfile"]).read_text()
+    plugin = next(
+        line.split(" ", 1)[1]
+        for line in (ROOT / "mosquitto/mosquitto.conf").read_text().splitlines()
+        if line.startswith("plugin ")
+    )
+    assert "COPY mosquitto/plugins/flood_guard.c" in text
+    assert f"/{plugin}" in text  # the config's relative path, from the image's working directory /
+    assert "WORKDIR /" in text and "/mosquitto/config/mosquitto.conf" in text
+
+
 def test_dockerfile_installs_the_package_and_the_healthcheck() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "pip install" in text and 'ENTRYPOINT ["chat-bridge"]' in text
