@@ -27,11 +27,13 @@ from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
 from . import passwords
 from .acl import BRIDGE_ACCOUNT, TopicRules
+from .limits import RateLimiter
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_FACTOR = 1.5
 WATCH_INTERVAL = 0.2
+REPORT_EVERY = 60.0  # seconds between two flood-guard warnings about one client
 
 
 class BrokerStartError(Exception):
@@ -154,6 +156,52 @@ class TopicRulesPlugin(BaseTopicPlugin):  # type: ignore[misc]
         return self._rules.allows(session.username, topic, str(action))  # type: ignore[arg-type]
 
 
+class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
+    """The embedded broker's flood guard, as mosquitto/plugins/flood_guard.c is Mosquitto's: a client's
+    publishes to command topics over `rate` per second (bursts of `burst`) are dropped here, before
+    they join the one ordered stream of commands the bridge reads. Others' publishes, the bridge's
+    events and last wills are not limited. Kept above the bridge's own limit."""
+
+    @dataclass
+    class Config:
+        prefix: str = "chat/v1"
+        rate: float = 100.0
+        burst: int = 300
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._limiter = RateLimiter(self.config.rate, self.config.burst)
+        self._commands = f"{self.config.prefix}/users/"
+        self._reported: dict[str, float] = {}
+
+    async def topic_filtering(
+        self, *, session: Any = None, topic: str | None = None, action: Any = None
+    ) -> bool:
+        if action != Action.PUBLISH or not topic or not self._is_command(topic) or session is None:
+            return True
+        client_id = str(session.client_id)
+        if not self._limiter.take(client_id, int(time.monotonic() * 1000)):
+            return True
+        now = time.monotonic()
+        if now - self._reported.get(client_id, -REPORT_EVERY) >= REPORT_EVERY:
+            if len(self._reported) >= 10_000:
+                self._reported.clear()
+            self._reported[client_id] = now
+            log.warning(
+                "flood guard: dropping commands from %s over %g/s (burst %d)",
+                client_id,
+                self.config.rate,
+                self.config.burst,
+            )
+        return False
+
+    def _is_command(self, topic: str) -> bool:
+        if not topic.startswith(self._commands):
+            return False
+        user, _, rest = topic[len(self._commands) :].partition("/")
+        return bool(user) and rest.startswith("commands/")
+
+
 class EmbeddedBroker(Broker):  # type: ignore[misc]
     """amqtt's broker with two corrections for retained messages.
 
@@ -237,8 +285,26 @@ class Security:
     internal_user: str = BRIDGE_ACCOUNT
 
 
-def broker_config(host: str, port: int, security: Security | None = None) -> dict[str, Any]:
+def flood_guard_for(rate_limit: float, rate_burst: int) -> tuple[float, int] | None:
+    """The embedded flood guard's rate and burst: twice the bridge's own limit and half again its
+    burst (at least Mosquitto's shipped 100/s and 300), so that the broker never cuts a client the
+    bridge would still answer; none when the bridge's limit is off."""
+    if rate_limit <= 0:
+        return None
+    return max(100.0, 2 * rate_limit), max(300, rate_burst * 3 // 2)
+
+
+def broker_config(
+    host: str,
+    port: int,
+    security: Security | None = None,
+    *,
+    prefix: str = "chat/v1",
+    guard: tuple[float, int] | None = None,
+) -> dict[str, Any]:
     plugins: dict[str, Any] = {"bridge.broker.KeepaliveWatchdog": {}}
+    if guard is not None:
+        plugins["bridge.broker.FloodGuard"] = {"prefix": prefix, "rate": guard[0], "burst": guard[1]}
     if security is None:
         plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
     else:
@@ -256,7 +322,14 @@ def broker_config(host: str, port: int, security: Security | None = None) -> dic
     }
 
 
-async def start_broker(host: str, port: int, security: Security | None = None) -> EmbeddedBroker:
+async def start_broker(
+    host: str,
+    port: int,
+    security: Security | None = None,
+    *,
+    prefix: str = "chat/v1",
+    guard: tuple[float, int] | None = None,
+) -> EmbeddedBroker:
     """Starts amqtt in the running event loop (it must be built inside one)."""
     check_port_free(host, port)
     if security is not None:
@@ -269,7 +342,7 @@ async def start_broker(host: str, port: int, security: Security | None = None) -
             passwords.read(security.password_file)
         except (OSError, passwords.PasswordFileError) as exc:
             raise BrokerStartError(str(exc)) from None
-    broker = EmbeddedBroker(broker_config(host, port, security))
+    broker = EmbeddedBroker(broker_config(host, port, security, prefix=prefix, guard=guard))
     try:
         await broker.start()
     except Exception as exc:  # amqtt wraps bind errors in BrokerError

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import passwords
 from .acl import BRIDGE_ACCOUNT, OBSERVER_ACCOUNT
-from .broker import BrokerStartError, InProcessPublisher, Security, start_broker
+from .broker import BrokerStartError, InProcessPublisher, Security, flood_guard_for, start_broker
 from .config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_LISTEN,
@@ -279,7 +279,9 @@ async def serve_embedded(settings: Settings) -> int:
         secret = secrets.token_urlsafe(32)  # the bridge's own account, for this process only
         security = Security(Path(settings.password_file), secret, settings.topic_prefix)
         address = BrokerAddress(settings.broker().host, port, BRIDGE_ACCOUNT, secret)
-    broker = await start_broker(host, port, security)  # before the database: a busy port fails fast
+    guard = flood_guard_for(settings.rate_limit, settings.rate_burst)
+    # before the database: a busy port fails fast
+    broker = await start_broker(host, port, security, prefix=settings.topic_prefix, guard=guard)
     # Commands still come over MQTT (an ordinary subscription, acknowledged after commit); events go
     # straight into the broker.
     bridge = build_bridge(settings, address, InProcessPublisher(broker, asyncio.get_running_loop()))

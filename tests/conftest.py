@@ -207,8 +207,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 class EmbeddedBroker:
     """The embedded amqtt broker, in a thread with its own event loop."""
 
-    def __init__(self, security: object = None) -> None:
+    def __init__(self, security: object = None, guard: tuple[float, int] | None = None) -> None:
         self.security = security
+        self.guard = guard
         self.port = free_port()
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -222,7 +223,12 @@ class EmbeddedBroker:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            broker = await start_broker("127.0.0.1", self.port, self.security)  # type: ignore[arg-type]
+            broker = await start_broker(
+                "127.0.0.1",
+                self.port,
+                self.security,  # type: ignore[arg-type]
+                guard=self.guard,
+            )
         except BaseException as exc:
             self._error = exc
             self._ready.set()

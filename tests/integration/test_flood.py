@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 from chatclient import ChatClient
-from conftest import Mosquitto, flood_guard, mosquitto_available, running_bridge
+from conftest import EmbeddedBroker, Mosquitto, flood_guard, mosquitto_available, running_bridge
 
 
 def test_flooder_is_limited_while_others_chat(mosquitto: Mosquitto, tmp_path: object) -> None:
@@ -112,49 +112,76 @@ def test_garbage_on_every_command_topic_never_stops_the_bridge(
         mallory.stop()
 
 
-def test_the_flood_guard_drops_a_flood_in_the_broker_but_never_a_will(tmp_path: Path) -> None:
-    """Mosquitto's flood-guard plugin (shipped in mosquitto.conf): one client's commands over its
-    rate never reach the bridge, the bridge's own events are not limited, and a last will always
-    goes through, however much the client had sent before."""
+def _flood_through_the_guard(port: int, db: str, rate: int, burst: int, publisher: object = None) -> None:
+    """Mallory floods through a broker whose flood guard allows `rate`/s in bursts of `burst`: at most
+    that reaches the bridge, bob is served, and mallory's last will still goes through."""
+    flood = 300
+    # the bridge's own limit off: every command that reaches it is applied
+    with running_bridge(port, db, publisher=publisher):
+        mallory = ChatClient("mallory", "127.0.0.1", port).start()
+        bob = ChatClient("bob", "127.0.0.1", port).start()
+        mallory.connect_chat()  # one of mallory's `burst`
+        bob.connect_chat()
+        started = time.monotonic()
+        infos = [
+            mallory.client.publish(
+                mallory.topic("send-message"),
+                orjson.dumps({"conversation_id": "global", "body": f"spam {i}", "request_id": f"s{i}"}),
+                qos=1,
+            )
+            for i in range(flood)
+        ]
+        for info in infos:
+            info.wait_for_publish(30)  # the broker acknowledges what it drops, too
+        elapsed = time.monotonic() - started
+        # bob's command comes after the whole flood in the bridge's one ordered stream
+        stored = bob.request("get-messages", conversation_id="global", since_seq=0, limit=500)["data"][
+            "messages"
+        ]
+        spam = [m for m in stored if m["sender_id"] == "mallory"]
+        assert burst - 1 <= len(spam) <= burst + rate * elapsed + 1
+        assert len(spam) < flood
+        # mallory's bucket is empty; her connection drops: the broker's last will still goes through
+        mallory.client.loop_stop()
+        sock = mallory.client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)
+        offline = bob.wait_retained("chat/v1/presence/mallory", lambda v: v["status"] == "offline")
+        assert offline["user_id"] == "mallory"
+        bob.stop()
+
+
+def test_mosquittos_flood_guard_drops_a_flood_in_the_broker_but_never_a_will(tmp_path: Path) -> None:
+    """mosquitto/plugins/flood_guard.c, as the shipped mosquitto.conf loads it (with a lower rate)."""
     if not mosquitto_available():
         pytest.skip("the mosquitto binary is not installed (scripts/test installs it)")
-    rate, burst, flood = 5, 20, 300
+    rate, burst = 5, 20
     guard = (f"plugin {flood_guard()}", f"plugin_opt_rate {rate}", f"plugin_opt_burst {burst}")
     broker = Mosquitto(tmp_path, extra=guard).start()
     try:
-        # the bridge's own limit off: every command that reaches it is applied
-        with running_bridge(broker.port, f"sqlite:///{tmp_path}/c.sqlite3"):
-            mallory = ChatClient("mallory", "127.0.0.1", broker.port).start()
-            bob = ChatClient("bob", "127.0.0.1", broker.port).start()
-            mallory.connect_chat()  # one of mallory's `burst`
-            bob.connect_chat()
-            started = time.monotonic()
-            infos = [
-                mallory.client.publish(
-                    mallory.topic("send-message"),
-                    orjson.dumps({"conversation_id": "global", "body": f"spam {i}", "request_id": f"s{i}"}),
-                    qos=1,
-                )
-                for i in range(flood)
-            ]
-            for info in infos:
-                info.wait_for_publish(30)  # the broker acknowledges what it drops, too
-            elapsed = time.monotonic() - started
-            # bob's command comes after the whole flood in the bridge's one ordered stream
-            stored = bob.request("get-messages", conversation_id="global", since_seq=0, limit=500)["data"][
-                "messages"
-            ]
-            spam = [m for m in stored if m["sender_id"] == "mallory"]
-            assert burst - 1 <= len(spam) <= burst + rate * elapsed + 1
-            assert len(spam) < flood
-            assert any("chat flood guard: dropping commands from" in line for line in broker.log)
-            # mallory's bucket is empty; her connection drops: the broker's last will still goes through
-            mallory.client.loop_stop()
-            sock = mallory.client.socket()
-            assert isinstance(sock, socket.socket)
-            sock.shutdown(socket.SHUT_RDWR)
-            offline = bob.wait_retained("chat/v1/presence/mallory", lambda v: v["status"] == "offline")
-            assert offline["user_id"] == "mallory"
-            bob.stop()
+        _flood_through_the_guard(broker.port, f"sqlite:///{tmp_path}/c.sqlite3", rate, burst)
+        assert any("chat flood guard: dropping commands from" in line for line in broker.log)
     finally:
         broker.stop()
+
+
+def test_the_embedded_brokers_flood_guard_drops_a_flood_but_never_a_will(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rate, burst = 5, 20
+    broker = EmbeddedBroker(guard=(rate, burst)).start()
+    try:
+        _flood_through_the_guard(
+            broker.port, f"sqlite:///{tmp_path}/c.sqlite3", rate, burst, publisher=broker.publisher()
+        )
+    finally:
+        broker.stop()
+    assert sum("flood guard: dropping commands from mallory" in r.message for r in caplog.records) == 1
+
+
+def test_the_embedded_guard_stays_above_the_bridges_own_limit() -> None:
+    from bridge.broker import flood_guard_for
+
+    assert flood_guard_for(50, 200) == (100.0, 300)  # the defaults: as Mosquitto's shipped config
+    assert flood_guard_for(500, 1000) == (1000.0, 1500)
+    assert flood_guard_for(0, 200) is None  # the bridge's limit off: no guard either
