@@ -79,6 +79,14 @@ def start_embedded(database_url: str, *extra: str) -> tuple[subprocess.Popen[str
     return _serve("--listen", f"127.0.0.1:{port}", "--database-url", database_url, *extra), port
 
 
+def proc_stats(pid: int) -> tuple[float, int]:
+    """(CPU seconds used so far, RSS bytes) of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu, rss
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import threading
@@ -38,17 +37,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import percentile, start_bridge, start_embedded, start_mosquitto
+from harness import percentile, proc_stats, start_bridge, start_embedded, start_mosquitto
 
 PROCESSES = 2  # load generators; the machine has 2 cores
-
-
-def proc_stats(pid: int) -> tuple[float, int]:
-    """(CPU seconds used so far, RSS bytes) of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    return cpu, rss
 
 
 def client(cid: str, port: int, topics: list[str], on_message: Any) -> paho.Client:
