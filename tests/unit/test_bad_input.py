@@ -173,3 +173,24 @@ def test_idle_buckets_are_forgotten() -> None:
         limiter.take(f"u{i}", 0)
     limiter.take("late", 5_000)  # the others refilled long ago
     assert set(limiter._buckets) == {"late"}
+
+
+def test_behind_the_default_flood_guard_every_refusal_is_answered() -> None:
+    """The guard (twice the rate, half again the burst) lets through at most what the refusal budget
+    can answer: a flood at 1,000 commands/s for 10 s, the guard then the bridge's limiter."""
+    from bridge.broker import flood_guard_for
+    from bridge.limits import RateLimiter
+
+    rate, burst = 50.0, 200
+    guard_rate, guard_burst = flood_guard_for(rate, burst)  # type: ignore[misc]
+    guard, bridge = RateLimiter(guard_rate, guard_burst), RateLimiter(rate, burst)
+    passed = refused = 0
+    for ms in range(10_000):  # one command per millisecond
+        if guard.take("mallory", ms):
+            continue  # dropped in the broker
+        passed += 1
+        if bridge.take("mallory", ms):
+            refused += 1
+            assert bridge.answer_refusal("mallory", ms), f"unanswered refusal at {ms} ms"
+    assert passed == pytest.approx(guard_burst + guard_rate * 10, abs=2)
+    assert refused == pytest.approx(passed - (burst + rate * 10), abs=2)
