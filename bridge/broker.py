@@ -157,9 +157,9 @@ class TopicRulesPlugin(BaseTopicPlugin):  # type: ignore[misc]
 
 
 class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
-    """The embedded broker's flood guard, as mosquitto/plugins/flood_guard.c is Mosquitto's: a client's
-    publishes to command topics over `rate` per second (bursts of `burst`) are dropped here, before
-    they join the one ordered stream of commands the bridge reads. Others' publishes, the bridge's
+    """The embedded broker's flood guard, as mosquitto/plugins/flood_guard.c is Mosquitto's: a user's
+    commands over `rate` per second (bursts of `burst`), whatever connections they come from, are
+    dropped here, before they join the one ordered stream of commands the bridge reads. The bridge's
     events and last wills are not limited. Kept above the bridge's own limit."""
 
     @dataclass
@@ -177,29 +177,31 @@ class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
     async def topic_filtering(
         self, *, session: Any = None, topic: str | None = None, action: Any = None
     ) -> bool:
-        if action != Action.PUBLISH or not topic or not self._is_command(topic) or session is None:
+        user = self._command_user(topic) if action == Action.PUBLISH and topic else None
+        if user is None:
             return True
-        client_id = str(session.client_id)
-        if not self._limiter.take(client_id, int(time.monotonic() * 1000)):
+        if not self._limiter.take(user, int(time.monotonic() * 1000)):
             return True
         now = time.monotonic()
-        if now - self._reported.get(client_id, -REPORT_EVERY) >= REPORT_EVERY:
+        if now - self._reported.get(user, -REPORT_EVERY) >= REPORT_EVERY:
             if len(self._reported) >= 10_000:
                 self._reported.clear()
-            self._reported[client_id] = now
+            self._reported[user] = now
             log.warning(
-                "flood guard: dropping commands from %s over %g/s (burst %d)",
-                client_id,
+                "flood guard: dropping commands from %s (client %s) over %g/s (burst %d)",
+                user,
+                getattr(session, "client_id", None),
                 self.config.rate,
                 self.config.burst,
             )
         return False
 
-    def _is_command(self, topic: str) -> bool:
+    def _command_user(self, topic: str) -> str | None:
+        """The user of a command topic (counted per user, as the bridge counts), else None."""
         if not topic.startswith(self._commands):
-            return False
+            return None
         user, _, rest = topic[len(self._commands) :].partition("/")
-        return bool(user) and rest.startswith("commands/")
+        return user if user and rest.startswith("commands/") else None
 
 
 class EmbeddedBroker(Broker):  # type: ignore[misc]

@@ -113,18 +113,20 @@ def test_garbage_on_every_command_topic_never_stops_the_bridge(
 
 
 def _flood_through_the_guard(port: int, db: str, rate: int, burst: int, publisher: object = None) -> None:
-    """Mallory floods through a broker whose flood guard allows `rate`/s in bursts of `burst`: at most
-    that reaches the bridge, bob is served, and mallory's last will still goes through."""
+    """Mallory floods from two connections through a broker whose flood guard allows `rate`/s in
+    bursts of `burst` per user: at most that reaches the bridge, bob is served, and mallory's last
+    will still goes through."""
     flood = 300
     # the bridge's own limit off: every command that reaches it is applied
     with running_bridge(port, db, publisher=publisher):
         mallory = ChatClient("mallory", "127.0.0.1", port).start()
+        mallory2 = ChatClient("mallory", "127.0.0.1", port).start()  # a second connection buys nothing
         bob = ChatClient("bob", "127.0.0.1", port).start()
         mallory.connect_chat()  # one of mallory's `burst`
         bob.connect_chat()
         started = time.monotonic()
         infos = [
-            mallory.client.publish(
+            (mallory, mallory2)[i % 2].client.publish(
                 mallory.topic("send-message"),
                 orjson.dumps({"conversation_id": "global", "body": f"spam {i}", "request_id": f"s{i}"}),
                 qos=1,
@@ -146,6 +148,7 @@ def _flood_through_the_guard(port: int, db: str, rate: int, burst: int, publishe
         sock = mallory.client.socket()
         assert isinstance(sock, socket.socket)
         sock.shutdown(socket.SHUT_RDWR)
+        mallory2.stop()  # her second connection leaves cleanly: no will
         offline = bob.wait_retained("chat/v1/presence/mallory", lambda v: v["status"] == "offline")
         assert offline["user_id"] == "mallory"
         bob.stop()
