@@ -31,51 +31,26 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import percentile, proc_stats, start_bridge, start_embedded, start_mosquitto
+from harness import client, percentile, proc_stats, start_bridge, start_embedded, start_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 
 COMMAND = "chat/v1/users/{}/commands/send-message"
 SPAM = b'{"conversation_id":"global","body":"spam"}'
 GUARD = ROOT / "mosquitto" / "plugins" / "chat_flood_guard.so"
-
-
-def _no_delay(_c: object, _u: object, sock: object) -> None:
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def client(
-    cid: str, port: int, on_message: Callable[..., None] | None = None, inbox: str = ""
-) -> paho.Client:
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid)
-    c.on_socket_open = _no_delay
-    if on_message is not None:
-        c.on_message = on_message
-    subscribed = threading.Event()
-    c.on_subscribe = lambda *a: subscribed.set()
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    if inbox:
-        c.subscribe(f"chat/v1/users/{inbox}/inbox", qos=1)
-        subscribed.wait(10)
-    return c
 
 
 def _idle_priority() -> None:
@@ -86,7 +61,7 @@ def paho_flood(port: int, seconds: float, idle: bool) -> None:
     """Publishes as fast as paho lets it (mallory also reads her inbox, as a client would)."""
     if idle:
         _idle_priority()
-    c = client("mallory-paho", port, lambda *a: None, inbox="mallory")
+    c = client("mallory-paho", port, ["chat/v1/users/mallory/inbox"], lambda *a: None)
     end = time.monotonic() + seconds
     sent = 0
     while time.monotonic() < end:
@@ -126,7 +101,7 @@ class BrokerCounter:
     def __init__(self, port: int) -> None:
         self.value = 0
         self._changed = threading.Condition()
-        self.c = client("sys-watch", port, self._on_message)
+        self.c = client("sys-watch", port, on_message=self._on_message)
         self.c.subscribe("$SYS/broker/publish/messages/received")
 
     def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
@@ -155,7 +130,7 @@ def measure(port: int, cid: str, seconds: float, rate: float) -> list[float]:
             if not pending and sent_all.is_set():
                 done.set()
 
-    bob = client(f"bob-{time.monotonic_ns()}", port, on_message, inbox="bob")
+    bob = client(f"bob-{time.monotonic_ns()}", port, ["chat/v1/users/bob/inbox"], on_message)
     interval, next_at = 1 / rate, time.perf_counter()
     for i in range(int(seconds * rate)):
         next_at += interval
@@ -203,7 +178,7 @@ def run_setup(guard: bool, args: argparse.Namespace) -> list[dict[str, Any]]:
             answers.update(orjson.loads(m.payload))
             got.set()
 
-        setup = client("setup", port, on_setup, inbox="bob")
+        setup = client("setup", port, ["chat/v1/users/bob/inbox"], on_setup)
         for user in ("alice", "mallory"):
             setup.publish(
                 COMMAND.format(user).replace("send-message", "connect"), b'{"session_id":"s"}', qos=1

@@ -9,7 +9,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +81,35 @@ def start_embedded(database_url: str, *extra: str) -> tuple[subprocess.Popen[str
     """`chat-bridge serve` with its embedded amqtt broker on a free port; (process, port)."""
     port = free_port()
     return _serve("--listen", f"127.0.0.1:{port}", "--database-url", database_url, *extra), port
+
+
+def _no_delay(_c: object, _u: object, sock: object) -> None:
+    """paho leaves Nagle on: a client that acknowledges a delivery and then publishes would wait
+    up to 40 ms on its own socket, and that would be measured as the bridge's latency."""
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def client(
+    cid: str,
+    port: int,
+    topics: Sequence[str] = (),
+    on_message: Callable[..., None] | None = None,
+) -> paho.Client:
+    """A connected paho client (TCP_NODELAY), subscribed at QoS 1 to `topics` once this returns."""
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid)
+    c.on_socket_open = _no_delay
+    if on_message is not None:
+        c.on_message = on_message
+    subscribed = threading.Event()
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    if topics:
+        c.subscribe([(t, 1) for t in topics])
+        if not subscribed.wait(10):
+            raise RuntimeError(f"{cid}: no SUBACK")
+    return c
 
 
 def proc_stats(pid: int) -> tuple[float, int]:

@@ -34,30 +34,11 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import percentile, proc_stats, start_bridge, start_embedded, start_mosquitto
+from harness import client, percentile, proc_stats, start_bridge, start_embedded, start_mosquitto
 
 PROCESSES = 2  # load generators; the machine has 2 cores
-
-
-def client(cid: str, port: int, topics: list[str], on_message: Any) -> paho.Client:
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid)
-    c.on_message = on_message
-    subscribed = threading.Event()
-    c.on_subscribe = lambda *a: subscribed.set()
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    if topics:
-        c.subscribe([(t, 1) for t in topics])
-        assert subscribed.wait(10)
-    sock = c.socket()
-    if sock is not None:
-        import socket
-
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return c
 
 
 def worker(

@@ -27,13 +27,12 @@ from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
 from . import passwords
 from .acl import BRIDGE_ACCOUNT, TopicRules
-from .limits import RateLimiter
+from .limits import OncePer, RateLimiter
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_FACTOR = 1.5
 WATCH_INTERVAL = 0.2
-REPORT_EVERY = 60.0  # seconds between two flood-guard warnings about one client
 
 
 class BrokerStartError(Exception):
@@ -172,7 +171,7 @@ class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
         super().__init__(context)
         self._limiter = RateLimiter(self.config.rate, self.config.burst)
         self._commands = f"{self.config.prefix}/users/"
-        self._reported: dict[str, float] = {}
+        self._warning = OncePer(60_000)  # one warning per flooding user per minute
 
     async def topic_filtering(
         self, *, session: Any = None, topic: str | None = None, action: Any = None
@@ -180,13 +179,10 @@ class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
         user = self._command_user(topic) if action == Action.PUBLISH and topic else None
         if user is None:
             return True
-        if not self._limiter.take(user, int(time.monotonic() * 1000)):
+        now = int(time.monotonic() * 1000)
+        if not self._limiter.take(user, now):
             return True
-        now = time.monotonic()
-        if now - self._reported.get(user, -REPORT_EVERY) >= REPORT_EVERY:
-            if len(self._reported) >= 10_000:
-                self._reported.clear()
-            self._reported[user] = now
+        if self._warning.due(user, now):
             log.warning(
                 "flood guard: dropping commands from %s (client %s) over %g/s (burst %d)",
                 user,

@@ -55,3 +55,21 @@ class RateLimiter:
         for buckets in (self._buckets, self._answers):
             for user in [u for u, b in buckets.items() if now_ms - b.at_ms >= full_after]:
                 del buckets[user]
+
+
+class OncePer:
+    """Whether something about a key is due again: at most once per `interval_ms` per key (a warning
+    per flooding user, not one per dropped command). Forgets everything past `max_tracked` keys."""
+
+    def __init__(self, interval_ms: int, max_tracked: int = 10_000) -> None:
+        self.interval_ms = interval_ms
+        self.max_tracked = max_tracked
+        self._last: dict[str, int] = {}
+
+    def due(self, key: str, now_ms: int) -> bool:
+        if now_ms - self._last.get(key, now_ms - self.interval_ms) < self.interval_ms:
+            return False
+        if len(self._last) >= self.max_tracked:
+            self._last.clear()
+        self._last[key] = now_ms
+        return True

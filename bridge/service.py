@@ -18,12 +18,10 @@ from pydantic import ValidationError
 from . import core
 from . import protocol as p
 from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, RateLimited, UnknownCommand
-from .limits import RateLimiter
+from .limits import OncePer, RateLimiter
 from .model import Conflict, OutboxEntry, Store, UnitOfWork
 
 log = logging.getLogger(__name__)
-
-FLOOD_REPORT_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +118,7 @@ class Service:
         self.broadcast_presence = broadcast_presence
         self._known: set[str] = set()  # senders whose user row is committed: no need to look them up again
         self._registered: set[str] = set()  # senders registered by the transaction in progress
-        self._flood_reported: dict[str, int] = {}  # user -> when we last warned that it floods
+        self._flood_warning = OncePer(60_000)  # one warning per flooding user per minute
 
     def handle_batch(
         self, items: Sequence[Inbound], published: Sequence[str] = (), *, admitted: bool = False
@@ -179,16 +177,11 @@ class Service:
         return [self._error(item.user_id, error, command, request_id_of(item.payload))]
 
     def _report_flood(self, user_id: str, now: int) -> None:
-        """One warning per flooding user per minute, not one per dropped command."""
-        if now - self._flood_reported.get(user_id, -FLOOD_REPORT_MS) < FLOOD_REPORT_MS:
-            return
-        if len(self._flood_reported) >= 10_000:
-            self._flood_reported.clear()
-        self._flood_reported[user_id] = now
-        log.warning(
-            "%s keeps sending while rate-limited; its refused commands go unanswered until it slows down",
-            user_id,
-        )
+        if self._flood_warning.due(user_id, now):
+            log.warning(
+                "%s keeps sending while rate-limited; its refused commands go unanswered until it slows down",
+                user_id,
+            )
 
     def internal_errors(self, items: Sequence[Inbound]) -> Batch:
         """Answers for commands whose batch could not be committed at all (not stored: no outbox)."""
