@@ -22,19 +22,10 @@ class RateLimiter:
         self.burst = float(burst)
         self.max_tracked = max_tracked
         self._buckets: dict[str, _Bucket] = {}
-        self._answers: dict[str, _Bucket] = {}
 
     def take(self, user_id: str, now_ms: int) -> float:
         """Takes one token; returns 0 when allowed, else the seconds until one is available."""
         return self._take(self._buckets, user_id, now_ms)
-
-    def answer_refusal(self, user_id: str, now_ms: int) -> bool:
-        """Whether a refused command gets its `rate-limited` answer: a second budget of the same rate
-        and burst, spent only by refusals. A client that waits `retry_after` never exhausts it; one
-        that keeps sending regardless does, and its further refusals go unanswered until it slows
-        down, so a flood is not reflected back through the broker (each answer costs the bridge a
-        publish and its acknowledgement, on the one connection every user's answers share)."""
-        return not self._take(self._answers, user_id, now_ms)
 
     def _take(self, buckets: dict[str, _Bucket], user_id: str, now_ms: int) -> float:
         bucket = buckets.get(user_id)
@@ -52,9 +43,8 @@ class RateLimiter:
     def _forget_idle(self, now_ms: int) -> None:
         """Drops buckets that have refilled completely: they hold no information."""
         full_after = self.burst / self.rate * 1000
-        for buckets in (self._buckets, self._answers):
-            for user in [u for u, b in buckets.items() if now_ms - b.at_ms >= full_after]:
-                del buckets[user]
+        for user in [u for u, b in self._buckets.items() if now_ms - b.at_ms >= full_after]:
+            del self._buckets[user]
 
 
 class OncePer:

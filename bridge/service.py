@@ -31,6 +31,9 @@ class Inbound:
     user_id: str
     command: str
     payload: bytes
+    # Delivered from the broker's queue after the bridge was away (published while it was down or
+    # behind): the broker's guards limited it at publish time, so it is never rate-limited here.
+    queued: bool = False
 
 
 def new_id(prefix: str) -> str:
@@ -118,7 +121,7 @@ class Service:
         self.broadcast_presence = broadcast_presence
         self._known: set[str] = set()  # senders whose user row is committed: no need to look them up again
         self._registered: set[str] = set()  # senders registered by the transaction in progress
-        self._flood_warning = OncePer(60_000)  # one warning per flooding user per minute
+        self._flood_warning = OncePer(60_000)  # one warning per rate-limited user per minute
 
     def handle_batch(
         self, items: Sequence[Inbound], published: Sequence[str] = (), *, admitted: bool = False
@@ -160,28 +163,20 @@ class Service:
         return batch
 
     def refusal(self, item: Inbound) -> list[core.Delivery] | None:
-        """None when the sender is within its rate limit. Otherwise the command does nothing and the
-        answer is `rate-limited`, or nothing at all once the sender has ignored `retry_after` for
-        longer than its answer budget (`RateLimiter.answer_refusal`). Needs no storage."""
-        if self.limiter is None or item.command == "disconnect":  # wills always go through
+        """None when the command may run; otherwise its `rate-limited` answer (it does nothing).
+        Needs no storage. Wills (`disconnect`) always go through, and so do queued commands: the
+        broker limited them when they were published, and the bridge being away is no flood."""
+        if self.limiter is None or item.command == "disconnect" or item.queued:
             return None
         now = self.clock()
         wait = self.limiter.take(item.user_id, now)
         if not wait:
             return None
-        if not self.limiter.answer_refusal(item.user_id, now):
-            self._report_flood(item.user_id, now)
-            return []
+        if self._flood_warning.due(item.user_id, now):
+            log.warning("%s is over its rate limit; its commands are refused with rate-limited", item.user_id)
         error = RateLimited(f"too many commands; retry in {wait:.3f}s", retry_after=wait)
         command = item.command if item.command in p.COMMANDS else None
         return [self._error(item.user_id, error, command, request_id_of(item.payload))]
-
-    def _report_flood(self, user_id: str, now: int) -> None:
-        if self._flood_warning.due(user_id, now):
-            log.warning(
-                "%s keeps sending while rate-limited; its refused commands go unanswered until it slows down",
-                user_id,
-            )
 
     def internal_errors(self, items: Sequence[Inbound]) -> Batch:
         """Answers for commands whose batch could not be committed at all (not stored: no outbox)."""
