@@ -313,8 +313,7 @@ class ChatSession:
         if event.request_id is not None:
             with self._lock:
                 pending = self._pending.pop(event.request_id, None)
-        if pending is None or not pending.internal:
-            self._track(event)
+        if (pending is None or not pending.internal) and self._track(event):
             self.deliver(event)
         if pending is not None and not pending.future.done():
             if event.type == "error":
@@ -335,21 +334,22 @@ class ChatSession:
 
     # -- what we have seen, and catching up on what we missed ---------------------------------------
 
-    def _track(self, event: Event) -> None:
-        """Moves the cursors with live events, and remembers which message revisions were delivered."""
+    def _track(self, event: Event) -> bool:
+        """Moves the cursors with live events and remembers which message revisions were delivered;
+        false for a `message-added` that catch-up (or the broker's queue) has delivered already."""
         conv = event.conversation
         if event.type == "conversation-created" and conv is not None:
-            self.cursors.setdefault(
-                conv["conversation_id"], Cursor(conv["last_seq"], conv.get("last_rev", 0))
-            )
+            cursor = Cursor(conv["last_seq"], conv.get("last_rev", 0))
+            self.cursors.setdefault(conv["conversation_id"], cursor)
         elif event.type == "conversation-removed" and isinstance(event.data.get("conversation_id"), str):
             self.cursors.pop(event.data["conversation_id"], None)
         message = event.message
-        if message is not None and event.type != "connected" and event.type != "messages":
-            cursor = self.cursors.setdefault(message["conversation_id"], Cursor())
-            cursor.seq = max(cursor.seq, message["seq"])
-            cursor.rev = max(cursor.rev, message.get("rev", 0))
-            self._remember(message)
+        if message is None or event.type == "connected":
+            return True
+        cursor = self.cursors.setdefault(message["conversation_id"], Cursor())
+        cursor.seq = max(cursor.seq, message["seq"])
+        cursor.rev = max(cursor.rev, message.get("rev", 0))
+        return self._remember(message) or event.type != "message-added"
 
     def _remember(self, message: Message) -> bool:
         """True when this revision of the message was not delivered before."""
