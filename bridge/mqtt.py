@@ -57,6 +57,9 @@ class Topics:
         user, command = parts[-3], parts[-1]
         return (user, command) if _USER_ID.match(user) else None
 
+    def command(self, user_id: str, name: str) -> str:
+        return f"{self.prefix}/users/{user_id}/commands/{name}"
+
     def inbox(self, user_id: str) -> str:
         return f"{self.prefix}/users/{user_id}/inbox"
 
