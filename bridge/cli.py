@@ -29,7 +29,7 @@ from .config import (
     check_prefix,
     parse_listen,
 )
-from .limits import RateLimiter
+from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, RateLimiter
 from .model import User
 from .mqtt import MqttBridge, Publisher, Topics
 from .protocol import ID_PATTERN
@@ -80,6 +80,13 @@ OPTIONS = (
         "broadcast",
         "broadcast: user-connected/-disconnected to every active inbox and active_users in `connected` "
         "(O(N²) for a connect storm); retained: presence only in the retained presence/{user} topics",
+    ),
+    (
+        "--max-event-size",
+        "CHAT_BRIDGE_MAX_EVENT_SIZE",
+        str(DEFAULT_MAX_EVENT),
+        "bytes of the largest event the bridge publishes; keep it below the broker's packet limit "
+        f"(Mosquitto's max_packet_size); at least {MIN_MAX_EVENT}",
     ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -182,6 +189,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ) from None
     if rate < 0 or burst < 1:
         raise ConfigError("--rate-limit must be 0 or more and --rate-burst at least 1")
+    try:
+        max_event = int(args.max_event_size)
+    except ValueError:
+        raise ConfigError(f"--max-event-size takes a number of bytes, not {args.max_event_size!r}") from None
+    if max_event < MIN_MAX_EVENT:
+        raise ConfigError(f"--max-event-size must be at least {MIN_MAX_EVENT} bytes (a full group's details)")
     if args.presence not in ("broadcast", "retained"):
         raise ConfigError(f"--presence is broadcast or retained, not {args.presence!r}")
     settings = Settings(
@@ -194,6 +207,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rate_limit=rate,
         rate_burst=burst,
         presence=args.presence,
+        max_event=max_event,
     )
     settings.broker()  # validates the URL
     return settings
@@ -230,6 +244,7 @@ def build_bridge(
         transient=TRANSIENT_ERRORS,
         limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None,
         broadcast_presence=settings.presence == "broadcast",
+        max_event=settings.max_event,
     )
     return MqttBridge(
         service,

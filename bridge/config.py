@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from .limits import DEFAULT_MAX_EVENT
+
 DEFAULT_LISTEN = "127.0.0.1:1883"
 DEFAULT_DATABASE_URL = "sqlite:///chat-bridge.sqlite3"
 DEFAULT_PREFIX = "chat/v1"
@@ -63,6 +65,7 @@ class Settings:
     topic_prefix: str = DEFAULT_PREFIX
     client_id: str = "chat-bridge"
     max_payload: int = 64 * 1024
+    max_event: int = DEFAULT_MAX_EVENT  # bytes of one published event, at most (below the broker's limit)
     session_grace: float = 30.0
     keepalive: int = 30
     password_file: str | None = None

@@ -5,12 +5,20 @@ generator and the current epoch come in through `Context`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from . import protocol as p
 from .errors import BadRequest, Forbidden, NotFound
+from .limits import (
+    DEFAULT_MAX_EVENT,
+    ENVELOPE_RESERVE,
+    MAX_CONVERSATIONS_PER_USER,
+    MAX_GROUP_PARTICIPANTS,
+    MAX_PAGE,
+)
 from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, Store, User, direct_key, paged
 
 
@@ -39,12 +47,18 @@ class Context:
     # False: presence lives only in the retained presence topics (no user-connected/-disconnected to
     # every active inbox, no active_users in `connected`), which makes a connect storm O(N), not O(N²).
     broadcast_presence: bool = True
+    max_event: int = DEFAULT_MAX_EVENT  # bytes: lists are cut into pages that fit
     out: list[Delivery] = field(default_factory=list)
     last_answer: p.Event | None = None  # broadcast copies of the same event share its event_id
 
     @property
     def ts(self) -> str:
         return p.iso_ms(self.now_ms)
+
+    @property
+    def budget(self) -> int:
+        """Bytes the items of one event's list may take."""
+        return self.max_event - ENVELOPE_RESERVE
 
     # Events are assembled from already-validated parts, so they skip validation (model_construct).
     def answer(self, event_type: type[p.Event], data: Any) -> None:
@@ -68,6 +82,36 @@ class Context:
 
 
 Handler = Callable[[Any, Context], None]
+T = TypeVar("T")
+V = TypeVar("V", bound=p.WireModel)
+
+
+# --- pages ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T, V]):
+    views: list[V]
+    last: T | None  # the last item taken
+    cut: bool  # items were left over
+    size: int  # bytes the views take in the event's JSON
+
+
+def page_of(items: Iterable[T], view: Callable[[T], V], budget: int, limit: int) -> Page[T, V]:
+    """The views of the first items that fit in `budget` bytes of JSON and `limit` items; at least one
+    (an item too large on its own makes the event too large, which the service refuses)."""
+    views: list[V] = []
+    last, used = None, 0
+    for item in items:
+        if len(views) == limit:
+            return Page(views, last, True, used)
+        v = view(item)
+        size = len(v.__pydantic_serializer__.to_json(v)) + 1
+        if used + size > budget and views:
+            return Page(views, last, True, used)
+        views.append(v)
+        last, used = item, used + size
+    return Page(views, last, False, used)
 
 
 # --- views --------------------------------------------------------------------
@@ -153,6 +197,19 @@ def known_users(store: Store, user_ids: Sequence[str]) -> list[str]:
     return unique
 
 
+def check_room(store: Store, user_ids: Sequence[str]) -> None:
+    """`forbidden` when others would add a user to more conversations than the cap allows."""
+    if not user_ids:
+        return
+    counts = store.membership_counts(user_ids)
+    full = [u for u in user_ids if counts.get(u, 0) >= MAX_CONVERSATIONS_PER_USER]
+    if full:
+        raise Forbidden(
+            f"{full[0]} already takes part in {MAX_CONVERSATIONS_PER_USER} conversations, "
+            "the most others may add them to"
+        )
+
+
 # --- sessions and presence ------------------------------------------------------
 
 
@@ -172,20 +229,22 @@ def connect(cmd: p.Connect, ctx: Context) -> None:
     active_ids = store.active_user_ids() if ctx.broadcast_presence else [user.user_id]
     active = set(active_ids)
     me = user_out(user, active)
-    conversations = [
-        conversation_out(store, c)
-        for c in [store.get_conversation(GLOBAL_ID), *store.conversations_of(user.user_id)]
-        if c
-    ]
+    # Both lists share one event: conversations may take half of it, active users the rest.
+    convs = conversation_page(ctx, None, MAX_PAGE, ctx.budget // 2)
+    users = (
+        user_page(ctx, sorted(active_ids), active, None, MAX_PAGE, ctx.budget - convs.size)
+        if ctx.broadcast_presence
+        else Page([], None, False, 0)
+    )
     ctx.answer(
         p.Connected,
         p.ConnectedData(
             user=me,
             session_id=cmd.session_id,
-            conversations=conversations,
-            active_users=[user_out(u, active) for u in store.get_users(active_ids)]
-            if ctx.broadcast_presence
-            else [],
+            conversations=convs.views,
+            active_users=users.views,
+            conversations_next=conversation_cursor(convs),
+            active_users_next=user_cursor(users),
         ),
     )
     if not was_active:
@@ -238,10 +297,12 @@ def create_conversation(cmd: p.CreateConversation, ctx: Context) -> None:
                 p.ConversationCreated, p.ConversationData(conversation=conversation_out(store, existing))
             )
             return
+        check_room(store, [other])
         conv = Conversation(ctx.new_id("c"), "direct", cmd.title, None, None, None, ctx.now_ms)
         store.add_conversation(conv, [ctx.sender, other], direct_key=key)  # Conflict: a racing twin won
     else:
         others = [u for u in known_users(store, cmd.participants) if u != ctx.sender]
+        check_room(store, others)
         conv = Conversation(ctx.new_id("c"), "group", cmd.title, ctx.sender, None, None, ctx.now_ms)
         store.add_conversation(conv, [ctx.sender, *others])
     data = p.ConversationData(conversation=conversation_out(store, conv))
@@ -262,6 +323,9 @@ def invite(cmd: p.Invite, ctx: Context) -> None:
     invited = known_users(store, cmd.user_ids)
     existing = store.participant_ids(conv.conversation_id)
     new = [u for u in invited if u not in set(existing)]
+    if len(existing) + len(new) > MAX_GROUP_PARTICIPANTS:
+        raise Forbidden(f"a group has at most {MAX_GROUP_PARTICIPANTS} participants")
+    check_room(store, new)
     data = p.ParticipantsAddedData(conversation_id=conv.conversation_id, user_ids=new)
     ctx.answer(p.ParticipantsAdded, data)
     if not new:
@@ -373,10 +437,11 @@ def get_messages(cmd: p.GetMessages, ctx: Context) -> None:
         assert cmd.since is not None
         rows = ctx.store.messages_after_ms(conv.conversation_id, p.ms_of(cmd.since), cmd.limit + 1)
     page, has_more = paged(rows, cmd.limit)
+    fits = page_of(page, message_out, ctx.budget, cmd.limit)  # fewer messages when they are large
     ctx.answer(
         p.Messages,
         p.MessagesData(
-            conversation_id=conv.conversation_id, messages=[message_out(m) for m in page], has_more=has_more
+            conversation_id=conv.conversation_id, messages=fits.views, has_more=has_more or fits.cut
         ),
     )
 
@@ -385,42 +450,96 @@ def get_prior_messages(cmd: p.GetPriorMessages, ctx: Context) -> None:
     conv = visible_conversation(ctx, cmd.conversation_id)
     rows = ctx.store.messages_before_seq(conv.conversation_id, cmd.before_seq, cmd.limit + 1)
     page, has_more = paged(rows, cmd.limit)
+    fits = page_of(page, message_out, ctx.budget, cmd.limit)  # the newest that fit, then ascending
     ctx.answer(
         p.Messages,
         p.MessagesData(
             conversation_id=conv.conversation_id,
-            messages=[message_out(m) for m in reversed(page)],
-            has_more=has_more,
+            messages=fits.views[::-1],
+            has_more=has_more or fits.cut,
         ),
     )
 
 
-def get_conversations(cmd: p.GetConversations, ctx: Context) -> None:
+# Conversation lists are ordered global first, then by (created_ms, conversation_id); a cursor is the
+# key of the last conversation of a page, so removing or adding conversations between pages never
+# skips or repeats one.
+_CURSOR = re.compile(r"(-1|[0-9]{1,19})\.([A-Za-z0-9_-]{0,64})")
+
+
+def conversation_key(conv: Conversation) -> tuple[int, str]:
+    return (-1, "") if conv.conversation_id == GLOBAL_ID else (conv.created_ms, conv.conversation_id)
+
+
+def conversation_cursor(page: Page[Conversation, p.ConversationOut]) -> str | None:
+    if not page.cut or page.last is None:
+        return None
+    ms, cid = conversation_key(page.last)
+    return f"{ms}.{cid}"
+
+
+def user_cursor(page: Page[User, p.UserOut]) -> str | None:
+    return page.last.user_id if page.cut and page.last is not None else None
+
+
+def conversation_page(
+    ctx: Context, after: str | None, limit: int, budget: int
+) -> Page[Conversation, p.ConversationOut]:
     store = ctx.store
     convs = [c for c in [store.get_conversation(GLOBAL_ID), *store.conversations_of(ctx.sender)] if c]
+    if after is not None:
+        match = _CURSOR.fullmatch(after)
+        if match is None:
+            raise BadRequest("after: not a cursor from a conversations page")
+        key = (int(match.group(1)), match.group(2))
+        convs = [c for c in convs if conversation_key(c) > key]
+    return page_of(convs, lambda c: conversation_out(store, c), budget, limit)
+
+
+def user_page(
+    ctx: Context, user_ids: Sequence[str], active: set[str], after: str | None, limit: int, budget: int
+) -> Page[User, p.UserOut]:
+    """Users by ascending id (Python's order: the same on every store), after the cursor."""
+    ids = [u for u in user_ids if after is None or u > after]
+    wanted = ids[: limit + 1]  # one more than a page: whether any are left
+    users = sorted(ctx.store.get_users(wanted), key=lambda u: u.user_id)
+    page = page_of(users[:limit], lambda u: user_out(u, active), budget, limit)
+    if len(ids) > limit and not page.cut:
+        page = replace(page, cut=True)
+    return page
+
+
+def get_conversations(cmd: p.GetConversations, ctx: Context) -> None:
+    page = conversation_page(ctx, cmd.after, cmd.limit, ctx.budget)
+    next_ = conversation_cursor(page)
     ctx.answer(
-        p.Conversations, p.ConversationsData(conversations=[conversation_out(store, c) for c in convs])
+        p.Conversations,
+        p.ConversationsData(conversations=page.views, has_more=next_ is not None, next=next_),
     )
 
 
 def get_participants(cmd: p.GetParticipants, ctx: Context) -> None:
     conv = visible_conversation(ctx, cmd.conversation_id)
     active = set(ctx.store.active_user_ids())
-    users = ctx.store.get_users(members(ctx.store, conv))
+    ids = sorted(members(ctx.store, conv))
+    page = user_page(ctx, ids, active, cmd.after, cmd.limit, ctx.budget)
+    next_ = user_cursor(page)
     ctx.answer(
         p.Participants,
         p.ParticipantsData(
-            conversation_id=conv.conversation_id, participants=[user_out(u, active) for u in users]
+            conversation_id=conv.conversation_id,
+            participants=page.views,
+            has_more=next_ is not None,
+            next=next_,
         ),
     )
 
 
 def get_active_users(cmd: p.GetActiveUsers, ctx: Context) -> None:
-    ids = ctx.store.active_user_ids()
-    active = set(ids)
-    ctx.answer(
-        p.ActiveUsers, p.ActiveUsersData(users=[user_out(u, active) for u in ctx.store.get_users(ids)])
-    )
+    ids = sorted(ctx.store.active_user_ids())
+    page = user_page(ctx, ids, set(ids), cmd.after, cmd.limit, ctx.budget)
+    next_ = user_cursor(page)
+    ctx.answer(p.ActiveUsers, p.ActiveUsersData(users=page.views, has_more=next_ is not None, next=next_))
 
 
 HANDLERS: dict[type[p.Command], Handler] = {

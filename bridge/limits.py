@@ -1,9 +1,28 @@
-"""Per-user rate limiting: a token bucket per sender, checked before any parsing or database work."""
+"""The bridge's bounds: sizes and caps that keep every event publishable, and per-user rate limiting
+(a token bucket per sender, checked before any parsing or database work)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+# The largest event payload the bridge publishes, in bytes (`--max-event-size`). Brokers refuse larger
+# packets (the shipped Mosquitto config: max_packet_size 128 KiB, which counts what the bridge
+# publishes too), so the default leaves room for the topic and headers.
+DEFAULT_MAX_EVENT = 96 * 1024
+# The smallest allowed: a conversation object of a full group (MAX_GROUP_PARTICIPANTS user ids of up
+# to 64 characters) fits in one event with room to spare.
+MIN_MAX_EVENT = 72 * 1024
+# Bytes of an event that are not the items of its list (envelope, ids, flags): pages are cut by
+# bytes so that the items fit in `max_event - ENVELOPE_RESERVE`.
+ENVELOPE_RESERVE = 2048
+# Most items a page of a list (conversations, participants, active users) holds, whatever their size.
+MAX_PAGE = 1000
+# A group has at most this many participants.
+MAX_GROUP_PARTICIPANTS = 1000
+# Others may not add a user to more conversations than this (direct and group; threads follow their
+# parent): nobody can bury someone's conversation list.
+MAX_CONVERSATIONS_PER_USER = 1000
 
 
 @dataclass

@@ -129,6 +129,13 @@ class MemoryStore:
         ]
         return sorted(found, key=lambda c: (c.created_ms, c.conversation_id))
 
+    def membership_counts(self, user_ids: Sequence[str]) -> dict[str, int]:
+        wanted, counts = set(user_ids), dict[str, int]()
+        for members in self._s.participants.values():
+            for u in wanted & members:
+                counts[u] = counts.get(u, 0) + 1
+        return counts
+
     def threads_of(self, conversation_id: str) -> list[Conversation]:
         return [c for c in self._s.conversations.values() if c.parent_conversation_id == conversation_id]
 

@@ -123,6 +123,10 @@ class Store(Protocol):
         """Direct and group conversations the user takes part in, and their threads."""
         ...
 
+    def membership_counts(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """How many direct and group conversations each user takes part in (users in none are absent)."""
+        ...
+
     def threads_of(self, conversation_id: str) -> list[Conversation]: ...
     def delete_conversation(self, conversation_id: str) -> None:
         """Deletes the conversation, its participants and its messages (not its threads)."""

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .errors import ErrorCode
+from .limits import MAX_PAGE
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_SEQ = 2**62
@@ -30,6 +31,12 @@ Timestamp = Annotated[
     str, Field(description="ISO 8601 in UTC with milliseconds, e.g. 2026-11-24T10:00:00.123Z")
 ]
 MAX_PARTICIPANTS_PER_COMMAND = 100
+Cursor = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100),
+    Field(description="the `next` of the previous page, as given (opaque)"),
+]
+PageLimit = Annotated[int, Field(ge=1, le=MAX_PAGE, description="at most this many items")]
 
 
 def iso_ms(ms: int) -> str:
@@ -122,16 +129,28 @@ class GetPriorMessages(Command):
 
 
 class GetConversations(Command):
+    """Pages: without `after`, the first page; answers carry `next` while more follow."""
+
     name = "get-conversations"
+    after: Cursor | None = None
+    limit: PageLimit = MAX_PAGE
 
 
 class GetParticipants(Command):
+    """Pages, by ascending user id: `after` is the `next` of the previous page."""
+
     name = "get-participants"
     conversation_id: ObjectId
+    after: UserId | None = None
+    limit: PageLimit = MAX_PAGE
 
 
 class GetActiveUsers(Command):
+    """Pages, by ascending user id: `after` is the `next` of the previous page."""
+
     name = "get-active-users"
+    after: UserId | None = None
+    limit: PageLimit = MAX_PAGE
 
 
 COMMANDS: dict[str, type[Command]] = {
@@ -208,11 +227,24 @@ class Event(WireModel):
     data: Any
 
 
+NEXT = "null on the last page; otherwise pass it as `after` to get the next page"
+
+
 class ConnectedData(WireModel):
     user: UserOut
     session_id: str
     conversations: list[ConversationOut]
     active_users: list[UserOut]
+    conversations_next: str | None = Field(
+        default=None,
+        description="null when `conversations` is complete; otherwise the `after` "
+        "of a get-conversations for the rest",
+    )
+    active_users_next: str | None = Field(
+        default=None,
+        description="null when `active_users` is complete; otherwise the `after` "
+        "of a get-active-users for the rest",
+    )
 
 
 class Connected(Event):
@@ -298,6 +330,8 @@ class Messages(Event):
 
 class ConversationsData(WireModel):
     conversations: list[ConversationOut]
+    has_more: bool = False
+    next: str | None = Field(default=None, description=NEXT)
 
 
 class Conversations(Event):
@@ -308,6 +342,8 @@ class Conversations(Event):
 class ParticipantsData(WireModel):
     conversation_id: str
     participants: list[UserOut]
+    has_more: bool = False
+    next: str | None = Field(default=None, description=NEXT)
 
 
 class Participants(Event):
@@ -317,6 +353,8 @@ class Participants(Event):
 
 class ActiveUsersData(WireModel):
     users: list[UserOut]
+    has_more: bool = False
+    next: str | None = Field(default=None, description=NEXT)
 
 
 class ActiveUsers(Event):

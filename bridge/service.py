@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from . import core
 from . import protocol as p
 from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, RateLimited, UnknownCommand
-from .limits import OncePer, RateLimiter
+from .limits import DEFAULT_MAX_EVENT, OncePer, RateLimiter
 from .model import Conflict, OutboxEntry, Store, UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,27 @@ class Batch:
     entries: list[OutboxEntry]
 
 
-def encode(deliveries: Sequence[core.Delivery], batch: str) -> list[OutboxEntry]:
-    """Serializes each event once, however many recipients share it."""
-    encoded: dict[int, bytes] = {}
-    entries = []
-    for d in deliveries:
-        payload = encoded.get(id(d.payload))
-        if payload is None:
-            payload = encoded[id(d.payload)] = d.payload.model_dump_json().encode()
-        entries.append(OutboxEntry(d.kind, d.key, payload, d.kind == "presence", batch))
-    return entries
+# Serialized events by id(): the event itself is kept beside its bytes, so that an id reused by a
+# later object never matches.
+Wire = dict[int, tuple[p.WireModel, bytes]]
+
+
+def serialized(event: p.WireModel, wire: Wire) -> bytes:
+    known = wire.get(id(event))
+    if known is not None and known[0] is event:
+        return known[1]
+    data = event.__pydantic_serializer__.to_json(event)
+    wire[id(event)] = (event, data)
+    return data
+
+
+def encode(deliveries: Sequence[core.Delivery], batch: str, wire: Wire | None = None) -> list[OutboxEntry]:
+    """Serializes each event once, however many recipients share it (`wire`: already serialized)."""
+    encoded: Wire = {} if wire is None else wire
+    return [
+        OutboxEntry(d.kind, d.key, serialized(d.payload, encoded), d.kind == "presence", batch)
+        for d in deliveries
+    ]
 
 
 def parse(item: Inbound, max_payload: int) -> p.Command:
@@ -110,6 +121,7 @@ class Service:
         transient: tuple[type[BaseException], ...] = (),
         limiter: RateLimiter | None = None,
         broadcast_presence: bool = True,
+        max_event: int = DEFAULT_MAX_EVENT,
     ) -> None:
         self.uow = uow
         self.epoch = epoch
@@ -119,6 +131,8 @@ class Service:
         self.transient = transient  # storage outages: propagate so the batch is retried, never answered
         self.limiter = limiter
         self.broadcast_presence = broadcast_presence
+        self.max_event = max_event  # bytes: no larger event is ever stored in the outbox or published
+        self._wire: Wire = {}  # events of the batch in progress, serialized while measuring them
         self._known: set[str] = set()  # senders whose user row is committed: no need to look them up again
         self._registered: set[str] = set()  # senders registered by the transaction in progress
         self._flood_warning = OncePer(60_000)  # one warning per rate-limited user per minute
@@ -134,6 +148,7 @@ class Service:
         """
         out: list[core.Delivery] = []
         self._registered = set()
+        self._wire = {}
         with self.uow.transaction() as store:
             store.forget_outbox(published)
             for item in items:
@@ -158,7 +173,8 @@ class Service:
 
     def _outbox(self, store: Store, deliveries: list[core.Delivery]) -> Batch:
         batch_id = self.ids("b")
-        batch = Batch(batch_id, deliveries, encode(deliveries, batch_id))
+        batch = Batch(batch_id, deliveries, encode(deliveries, batch_id, self._wire))
+        self._wire = {}
         store.add_outbox(batch.entries)
         return batch
 
@@ -212,6 +228,7 @@ class Service:
             self.epoch,
             request_id,
             broadcast_presence=self.broadcast_presence,
+            max_event=self.max_event,
         )
 
     def _handle(self, store: Store, item: Inbound) -> list[core.Delivery]:
@@ -235,6 +252,7 @@ class Service:
                     if not isinstance(cmd, p.Connect) and sender not in self._known:
                         core.ensure_user(ctx)  # connect registers itself, with its display name
                     handler(cmd, ctx)
+                    self._measure(ctx.out)  # inside the savepoint: an event too large undoes the command
                 self._registered.add(sender)
                 return ctx.out
             except Conflict:
@@ -249,6 +267,19 @@ class Service:
                 log.exception("%s by %s failed", cmd.name, sender)
                 raise InternalError("the bridge failed to apply the command; nothing was done") from None
         raise AssertionError("unreachable")
+
+    def _measure(self, deliveries: list[core.Delivery]) -> None:
+        """Serializes the command's events; `payload-too-large` when one is over `max_event`, so that
+        no event a broker would refuse ever reaches the outbox."""
+        measured: Wire = {}
+        for d in deliveries:
+            size = len(serialized(d.payload, measured))
+            if size > self.max_event:
+                raise PayloadTooLarge(
+                    f"the {getattr(d.payload, 'type', 'event')} event would be {size} bytes, over the "
+                    f"bridge's limit of {self.max_event}; nothing was done (ask for smaller pages)"
+                )
+        self._wire.update(measured)
 
     def _error(
         self, user_id: str, exc: ChatError, command: str | None, request_id: str | None

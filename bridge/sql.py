@@ -29,6 +29,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     event,
+    func,
     insert,
     inspect,
     literal_column,
@@ -508,6 +509,16 @@ class SqlStore:
 
     def conversations_of(self, user_id: str) -> list[Conversation]:
         return [Conversation(*r) for r in self._exec("conversations_of", user_id=user_id).fetchall()]
+
+    def membership_counts(self, user_ids: Sequence[str]) -> dict[str, int]:
+        if not user_ids:
+            return {}
+        rows = self._core(
+            select(participants.c.user_id, func.count())
+            .where(participants.c.user_id.in_(set(user_ids)))
+            .group_by(participants.c.user_id)
+        ).fetchall()
+        return {user_id: count for user_id, count in rows}
 
     def threads_of(self, conversation_id: str) -> list[Conversation]:
         return [Conversation(*r) for r in self._exec("threads_of", cid=conversation_id).fetchall()]

@@ -92,10 +92,26 @@ def test_bad_options_are_reported_without_a_traceback(tmp_path: Path) -> None:
         ["--broker-url", "http://x"],
         ["--topic-prefix", "a/#"],
         ["--presence", "sometimes"],
+        ["--max-event-size", "1000"],
+        ["--max-event-size", "lots"],
     ):
         result = subprocess.run(serve_cmd(*args), cwd=tmp_path, capture_output=True, text=True, timeout=30)
         assert result.returncode == 2, args
         assert "chat-bridge:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_max_event_size_comes_from_the_option_or_the_environment() -> None:
+    from bridge.cli import build_parser, settings_from
+    from bridge.limits import DEFAULT_MAX_EVENT
+
+    parse = build_parser().parse_args
+    assert settings_from(parse(["serve"])).max_event == DEFAULT_MAX_EVENT == 96 * 1024
+    assert settings_from(parse(["serve", "--max-event-size", "100000"])).max_event == 100_000
+    os.environ["CHAT_BRIDGE_MAX_EVENT_SIZE"] = "120000"
+    try:
+        assert settings_from(build_parser().parse_args(["serve"])).max_event == 120_000
+    finally:
+        del os.environ["CHAT_BRIDGE_MAX_EVENT_SIZE"]
 
 
 def test_serve_with_embedded_broker_and_sqlite_in_the_working_directory(tmp_path: Path) -> None:
