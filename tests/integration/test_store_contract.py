@@ -70,7 +70,28 @@ def history(w: World, seed: int = 7) -> list[tuple[str, str, str]]:
     run("alice", "remove-conversation", conversation_id=grp["conversation_id"])
     run("bob", "get-conversations")
     run("bob", "get-active-users")
+    first = run("bob", "get-conversations", limit=1)["data"]
+    run("bob", "get-conversations", after=first["next"], limit=2)  # type: ignore[index]
+    page = run("bob", "get-participants", conversation_id="global", limit=2)["data"]
+    run("bob", "get-participants", conversation_id="global", after=page["next"])  # type: ignore[index]
+    run("bob", "get-active-users", limit=1, after="alice")
     return out
+
+
+def test_membership_counts_agree(database_url: str) -> None:
+    engine = make_engine(database_url)
+    init_db(engine, 0)
+    counts = []
+    for w in (World(), World(SqlUnitOfWork(engine))):
+        for u in USERS:
+            w.do(u, "connect", session_id="s")
+        w.do("alice", "create-conversation", kind="direct", participants=["bob"])
+        w.do("alice", "create-conversation", kind="group", participants=["bob", "carol"])
+        with w.uow.transaction() as store:
+            counts.append(store.membership_counts(["alice", "bob", "carol", "dave", "nobody"]))
+            assert store.membership_counts([]) == {}
+    assert counts[0] == counts[1] == {"alice": 2, "bob": 2, "carol": 1}
+    engine.dispose()
 
 
 def test_sql_store_matches_the_memory_store(database_url: str) -> None:
