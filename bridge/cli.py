@@ -16,6 +16,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from chat_bridge.chat import add_chat_command
+
 from . import passwords
 from .acl import BRIDGE_ACCOUNT, OBSERVER_ACCOUNT
 from .broker import BrokerStartError, InProcessPublisher, Security, flood_guard_for, start_broker
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="where to register the user [env CHAT_BRIDGE_DATABASE_URL]",
             )
             cmd.add_argument("--display-name")
+    add_chat_command(sub)
     return parser
 
 
@@ -225,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "users":
             return users_command(args)
+        if args.command == "chat":
+            return int(args.run(args))
         settings = settings_from(args)
         return serve(settings)
     except (ConfigError, BrokerStartError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tcpproxy import Proxy
 
 from chat_bridge import errors
-from chat_bridge.client import Client
+from chat_bridge.client import AsyncClient, Client
 
 
 @pytest.fixture
@@ -182,3 +183,21 @@ def test_a_persistent_session_gets_queued_events_once(mosquitto: Mosquitto, db: 
         assert not [e for e in alice.events(timeout=1) if e.type == "message-added"]
         alice.close()
     proxy.close()
+
+
+def test_the_async_client(embedded_bridge: int) -> None:
+    async def main() -> None:
+        async with (
+            AsyncClient("alice", port=embedded_bridge) as alice,
+            AsyncClient("bob", port=embedded_bridge) as bob,
+        ):
+            conv = await alice.create_direct("bob")
+            await alice.send_message(conv["conversation_id"], "async hello")
+            got = await bob.wait_for("message-added")
+            assert got.message is not None and got.message["body"] == "async hello"
+            with pytest.raises(errors.NotFound):
+                await bob.get_participants("c_unknown")
+            pages = await asyncio.gather(*(bob.get_messages(conv["conversation_id"]) for _ in range(5)))
+            assert all(p["messages"][0]["body"] == "async hello" for p in pages)
+
+    asyncio.run(main())
