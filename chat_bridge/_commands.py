@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .types import Conversation, Message, Page, ReactionChange, ReadMarker, SearchResults, Session, User
+from .types import Conversation, Message, Page, ReactionChange, ReadMarker, SearchResults, Session
 
 T = TypeVar("T")
 
@@ -94,16 +94,31 @@ def get_prior_messages(conversation_id: str, before_seq: int | None, limit: int 
     )
 
 
-def get_conversations() -> Call[list[Conversation]]:
-    return Call("get-conversations", {}, _key("conversations"))
+def get_conversations(after: str | None = None) -> Call[dict[str, Any]]:
+    """One page; the faces follow `next` to the end (lists are paged by newer bridges)."""
+    return Call("get-conversations", _fields(after=after), _data)
 
 
-def get_participants(conversation_id: str) -> Call[list[User]]:
-    return Call("get-participants", {"conversation_id": conversation_id}, _key("participants"))
+def get_participants(conversation_id: str, after: str | None = None) -> Call[dict[str, Any]]:
+    return Call("get-participants", _fields(conversation_id=conversation_id, after=after), _data)
 
 
-def get_active_users() -> Call[list[User]]:
-    return Call("get-active-users", {}, _key("users"))
+def get_active_users(after: str | None = None) -> Call[dict[str, Any]]:
+    return Call("get-active-users", _fields(after=after), _data)
+
+
+# the list a paged answer carries
+LIST_KEYS = {
+    "get-conversations": "conversations",
+    "get-participants": "participants",
+    "get-active-users": "users",
+}
+
+
+def page_items(call: Call[dict[str, Any]], data: dict[str, Any]) -> tuple[list[Any], str | None]:
+    """The items of one page and the `after` of the next (None on the last page)."""
+    after = data.get("next")
+    return list(data[LIST_KEYS[call.command]]), after if isinstance(after, str) and after else None
 
 
 def mark_read(conversation_id: str, seq: int) -> Call[ReadMarker]:

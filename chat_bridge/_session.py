@@ -25,7 +25,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from . import _commands as commands
-from .errors import ConnectionFailed, RequestTimeout, error_from
+from .errors import ChatBridgeError, ConnectionFailed, RequestTimeout, error_from
 from .types import Conversation, Event, Message, Session
 
 log = logging.getLogger("chat_bridge.client")
@@ -268,18 +268,46 @@ class ChatSession:
     def _on_connected(self, future: Future[Event], session_id: str) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        session = cast(Session, future.result().data)
-        conversations = session.get("conversations", [])
+        session = cast(Session, dict(future.result().data))
+        with self._lock:
+            snapshot, self._snapshot = self._snapshot, None
+        # the rest needs answers, which arrive on this (the network) thread: not here
+        threading.Thread(
+            target=self._after_connected, args=(session, session_id, snapshot), daemon=True
+        ).start()
+
+    def _after_connected(self, session: Session, session_id: str, snapshot: dict[str, Cursor] | None) -> None:
+        conversations = list(session.get("conversations", []))
+        after = cast(dict[str, Any], session).get("conversations_next")
+        complete = True
+        try:  # a bridge that pages `connected` sends the first page of conversations only
+            while isinstance(after, str) and after:
+                call = commands.get_conversations(after)
+                page, after = commands.page_items(call, self._wait(call))
+                conversations += page
+        except ChatBridgeError as exc:
+            log.warning("%s: could not list all conversations: %s", self.client_id, exc)
+            complete = False
+        session["conversations"] = conversations
         first, self.session = self.session is None, session
         if first:  # where a first connection starts from: the newest state the bridge has
             for conv in conversations:
-                self.cursors[conv["conversation_id"]] = Cursor(conv["last_seq"], conv.get("last_rev", 0))
+                cursor = self.cursors.setdefault(conv["conversation_id"], Cursor())
+                cursor.seq = max(cursor.seq, conv["last_seq"])
+                cursor.rev = max(cursor.rev, conv.get("last_rev", 0))
         if session_id == self.session_id:
             self._ready.set()
-        with self._lock:
-            snapshot, self._snapshot = self._snapshot, None
-        if snapshot is not None and not first and self.options.catch_up:
-            threading.Thread(target=self._catch_up, args=(conversations, snapshot), daemon=True).start()
+        if snapshot is not None and not first and complete and self.options.catch_up:
+            self._catch_up(conversations, snapshot)
+
+    def _wait(self, call: commands.Call[T]) -> T:
+        """An internal request (its answer is not delivered as an event), waited for."""
+        rid, future = self.request(call, internal=True)
+        try:
+            return call.read(future.result(self.options.timeout).data)
+        except TimeoutError:
+            self.forget(rid)
+            raise RequestTimeout(call.command, rid, self.options.timeout) from None
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         try:
@@ -395,13 +423,8 @@ class ChatSession:
                 since_rev=cursor.rev if by_rev else None,
                 limit=CATCH_UP_PAGE,
             )
-            rid, future = self.request(call, internal=True)
-            try:
-                page = future.result(self.options.timeout)
-            except TimeoutError:
-                self.forget(rid)
-                raise RequestTimeout(call.command, rid, self.options.timeout) from None
-            messages: list[Message] = page.data.get("messages", [])
+            page = self._wait(call)
+            messages: list[Message] = page.get("messages", [])
             for m in messages:
                 live = self.cursors.setdefault(cid, Cursor())
                 live.seq = max(live.seq, m["seq"])
@@ -410,7 +433,7 @@ class ChatSession:
                 if self._remember(m):
                     kind = "message-added" if m["seq"] > seen_seq else "message-updated"
                     self.deliver(Event(kind, {"message": m}, catch_up=True))
-            if not page.data.get("has_more") or not messages:
+            if not page.get("has_more") or not messages:
                 return
 
     def deliver(self, event: Event) -> None:

@@ -271,13 +271,26 @@ class Client:
         return self._call(commands.get_prior_messages(conversation_id, before_seq, limit), timeout)
 
     def get_conversations(self, *, timeout: float | None = None) -> list[Conversation]:
-        return self._call(commands.get_conversations(), timeout)
+        """Every conversation of the user (following the pages of a paged answer)."""
+        return self._all(commands.get_conversations, (), timeout)
 
     def get_participants(self, conversation_id: str, *, timeout: float | None = None) -> list[User]:
-        return self._call(commands.get_participants(conversation_id), timeout)
+        return self._all(commands.get_participants, (conversation_id,), timeout)
 
     def get_active_users(self, *, timeout: float | None = None) -> list[User]:
-        return self._call(commands.get_active_users(), timeout)
+        return self._all(commands.get_active_users, (), timeout)
+
+    def _all(
+        self, make: Callable[..., commands.Call[dict[str, Any]]], args: tuple[str, ...], timeout: float | None
+    ) -> list[Any]:
+        items: list[Any] = []
+        after: str | None = None
+        while True:
+            call = make(*args, after)
+            page, after = commands.page_items(call, self._call(call, timeout))
+            items += page
+            if after is None:
+                return items
 
     def mark_read(self, conversation_id: str, seq: int, *, timeout: float | None = None) -> ReadMarker:
         return self._call(commands.mark_read(conversation_id, seq), timeout)

@@ -326,3 +326,51 @@ def test_typing_is_sent_without_waiting() -> None:
         ("c1", True),
         ("c1", False),
     ]
+
+
+def test_paged_lists_are_followed_to_the_end() -> None:
+    convs = [conversation(f"c{n}", last_seq=n) for n in range(5)]
+
+    def answer(command: str, fields: dict[str, Any]) -> list[dict[str, Any]] | None:
+        if command == "get-conversations":
+            start = int(fields.get("after") or 0)
+            more = start + 2 < len(convs)
+            data = {
+                "conversations": convs[start : start + 2],
+                "has_more": more,
+                "next": str(start + 2) if more else None,
+            }
+            return [event("conversations", data)]
+        if command == "get-active-users":
+            users = [{"user_id": u, "display_name": None, "active": True} for u in ("a", "b", "c")]
+            after = fields.get("after")
+            page = [u for u in users if after is None or u["user_id"] > after][:2]
+            nxt = page[-1]["user_id"] if page[-1]["user_id"] != "c" else None
+            return [event("active-users", {"users": page, "has_more": nxt is not None, "next": nxt})]
+        return None
+
+    bridge = FakeBridge(answer)
+    bridge.conversations = convs[:2]
+    original = bridge.handle
+
+    def handle(client: FakeMqtt, command: str, fields: dict[str, Any]) -> None:
+        if command == "connect":  # a paging bridge: the first page, and where to continue
+            data = {
+                "user": {"user_id": "alice", "display_name": None, "active": True},
+                "session_id": fields["session_id"],
+                "conversations": convs[:2],
+                "active_users": [],
+                "conversations_next": "2",
+                "active_users_next": None,
+            }
+            client.inbox({**event("connected", data), "request_id": fields["request_id"]})
+        else:
+            original(client, command, fields)
+
+    bridge.handle = handle  # type: ignore[method-assign]
+    client, _ = started(bridge)
+    assert client.session is not None
+    assert [c["conversation_id"] for c in client.session["conversations"]] == [f"c{n}" for n in range(5)]
+    assert client.cursors["c4"].seq == 4
+    assert [c["conversation_id"] for c in client.get_conversations()] == [f"c{n}" for n in range(5)]
+    assert [u["user_id"] for u in client.get_active_users()] == ["a", "b", "c"]
