@@ -23,6 +23,7 @@ from .acl import BRIDGE_ACCOUNT, OBSERVER_ACCOUNT
 from .broker import BrokerStartError, InProcessPublisher, Security, flood_guard_for, start_broker
 from .config import (
     DEFAULT_DATABASE_URL,
+    DEFAULT_HTTP_LISTEN,
     DEFAULT_LISTEN,
     DEFAULT_PREFIX,
     BrokerAddress,
@@ -31,7 +32,9 @@ from .config import (
     check_prefix,
     parse_listen,
 )
+from .http import HttpServer, HttpServerError
 from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, RateLimiter
+from .metrics import Health, Metrics, database_probe
 from .model import User
 from .mqtt import MqttBridge, Publisher, Topics
 from .protocol import ID_PATTERN
@@ -89,6 +92,12 @@ OPTIONS = (
         str(DEFAULT_MAX_EVENT),
         "bytes of the largest event the bridge publishes; keep it below the broker's packet limit "
         f"(Mosquitto's max_packet_size); at least {MIN_MAX_EVENT}",
+    ),
+    (
+        "--http-listen",
+        "CHAT_BRIDGE_HTTP_LISTEN",
+        DEFAULT_HTTP_LISTEN,
+        "host:port of the HTTP server (/healthz, /metrics, the browser client at /); off: none",
     ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -200,6 +209,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise ConfigError(f"--max-event-size must be at least {MIN_MAX_EVENT} bytes (a full group's details)")
     if args.presence not in ("broadcast", "retained"):
         raise ConfigError(f"--presence is broadcast or retained, not {args.presence!r}")
+    http_listen = None if str(args.http_listen).strip().lower() == "off" else str(args.http_listen)
+    if http_listen is not None:
+        parse_listen(http_listen, "--http-listen")
     settings = Settings(
         broker_url=args.broker_url or None,
         listen=args.listen,
@@ -211,6 +223,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rate_burst=burst,
         presence=args.presence,
         max_event=max_event,
+        http_listen=http_listen,
     )
     settings.broker()  # validates the URL
     return settings
@@ -232,13 +245,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.run(args))
         settings = settings_from(args)
         return serve(settings)
-    except (ConfigError, BrokerStartError) as exc:
+    except (ConfigError, BrokerStartError, HttpServerError) as exc:
         print(f"chat-bridge: {exc}", file=sys.stderr)
         return 2
 
 
 def build_bridge(
-    settings: Settings, broker: BrokerAddress | None = None, publisher: Publisher | None = None
+    settings: Settings,
+    broker: BrokerAddress | None = None,
+    publisher: Publisher | None = None,
+    *,
+    metrics: Metrics | None = None,
+    health: Health | None = None,
 ) -> MqttBridge:
     engine = make_engine(settings.database_url, background_checkpoints=True)
     init_db(engine, wall_clock_ms())
@@ -250,7 +268,10 @@ def build_bridge(
         limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None,
         broadcast_presence=settings.presence == "broadcast",
         max_event=settings.max_event,
+        metrics=metrics,
     )
+    if health is not None:
+        health.epoch = service.epoch
     return MqttBridge(
         service,
         broker or settings.broker(),
@@ -261,6 +282,7 @@ def build_bridge(
         publish_window=settings.publish_window,
         publisher=publisher,
         is_transient=is_transient,
+        health=health,
     )
 
 
@@ -272,27 +294,59 @@ def settle_memory() -> None:
     gc.freeze()
 
 
+class Monitoring:
+    """The metrics, the health report and the HTTP server that shows them (when `--http-listen` is on)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.metrics = Metrics()
+        probe = database_probe(settings.database_url)
+        self.health = Health(self.metrics, probe, broker=str(settings.broker()))
+        self.http: HttpServer | None = None
+        if settings.http_listen:
+            host, port = parse_listen(settings.http_listen, "--http-listen")
+            try:
+                self.http = HttpServer(host, port, self.health, self.metrics)
+            except HttpServerError as exc:
+                raise ConfigError(
+                    f"--http-listen {settings.http_listen}: {exc}; choose another host:port or `off`"
+                ) from None
+
+    def start(self) -> None:
+        if self.http:
+            self.http.start()
+
+    def stop(self) -> None:
+        if self.http:
+            self.http.stop()
+        self.health.close()
+
+
 def serve(settings: Settings) -> int:
     if settings.broker_url and settings.password_file:
         raise ConfigError(
             "--password-file is for the embedded broker; an external broker has its own accounts"
         )
-    if settings.broker_url:
-        bridge = build_bridge(settings)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        settle_memory()
-        bridge.start()
-        log.info("using the broker at %s; database %s", settings.broker(), settings.database_url)
-        stop.wait()
-        log.info("shutting down")
-        bridge.stop()
-        return 0
-    return asyncio.run(serve_embedded(settings))
+    monitoring = Monitoring(settings)  # before anything else: a taken port fails fast
+    try:
+        if settings.broker_url:
+            bridge = build_bridge(settings, metrics=monitoring.metrics, health=monitoring.health)
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            settle_memory()
+            monitoring.start()
+            bridge.start()
+            log.info("using the broker at %s; database %s", settings.broker(), settings.database_url)
+            stop.wait()
+            log.info("shutting down")
+            bridge.stop()
+            return 0
+        return asyncio.run(serve_embedded(settings, monitoring))
+    finally:
+        monitoring.stop()
 
 
-async def serve_embedded(settings: Settings) -> int:
+async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
     host, port = parse_listen(settings.listen)
     security, address = None, None
     if settings.password_file:
@@ -304,12 +358,19 @@ async def serve_embedded(settings: Settings) -> int:
     broker = await start_broker(host, port, security, prefix=settings.topic_prefix, guard=guard)
     # Commands still come over MQTT (an ordinary subscription, acknowledged after commit); events go
     # straight into the broker.
-    bridge = build_bridge(settings, address, InProcessPublisher(broker, asyncio.get_running_loop()))
+    bridge = build_bridge(
+        settings,
+        address,
+        InProcessPublisher(broker, asyncio.get_running_loop()),
+        metrics=monitoring.metrics,
+        health=monitoring.health,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     settle_memory()
+    monitoring.start()
     bridge.start()
     log.info(
         "embedded broker on %s:%d (%s); database %s",

@@ -11,6 +11,7 @@ from .limits import DEFAULT_MAX_EVENT
 DEFAULT_LISTEN = "127.0.0.1:1883"
 DEFAULT_DATABASE_URL = "sqlite:///chat-bridge.sqlite3"
 DEFAULT_PREFIX = "chat/v1"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 
 
 class ConfigError(ValueError):
@@ -44,10 +45,10 @@ class BrokerAddress:
         return f"mqtt://{self.username + '@' if self.username else ''}{self.host}:{self.port}"
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, option: str = "--listen") -> tuple[str, int]:
     match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", value.strip())
     if not match or not 0 < int(match.group(2)) < 65536:
-        raise ConfigError(f"--listen takes host:port, e.g. 127.0.0.1:1884, not {value!r}")
+        raise ConfigError(f"{option} takes host:port, e.g. 127.0.0.1:1884, not {value!r}")
     return match.group(1) or "127.0.0.1", int(match.group(2))
 
 
@@ -73,6 +74,7 @@ class Settings:
     rate_burst: int = 200
     presence: str = "broadcast"  # or "retained": presence only in the retained presence topics
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
+    http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off
 
     def broker(self) -> BrokerAddress:
         if self.broker_url:

@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from . import core
 from . import protocol as p
 from .config import BrokerAddress
+from .metrics import Health, Metrics
 from .model import OutboxEntry
 from .protocol import ID_PATTERN
 from .service import Batch, Inbound, Service, encode
@@ -147,8 +148,11 @@ class MqttBridge:
         publish_window: int = 10_000,
         publisher: Publisher | None = None,
         is_transient: Callable[[BaseException], bool] = lambda exc: False,
+        health: Health | None = None,
     ) -> None:
         self.service = service
+        self.metrics: Metrics = service.metrics
+        self.health = health
         self.broker = broker
         self.topics = topics
         self.keepalive = keepalive
@@ -222,8 +226,12 @@ class MqttBridge:
     ) -> None:
         if getattr(reason, "is_failure", False):
             log.error("broker %s refused the connection: %s", self.broker, reason)
+            if self.health:
+                self.health.broker_down(f"refused: {reason}")
             return
         log.info("connected to %s", self.broker)
+        if self.health:
+            self.health.broker_up()
         client.subscribe(self.topics.commands, qos=1)
 
     def _on_subscribe(
@@ -251,6 +259,8 @@ class MqttBridge:
     def _on_disconnect(
         self, _client: paho.Client, _userdata: object, _flags: object, reason: object, _props: object
     ) -> None:
+        if self.health:
+            self.health.broker_down(f"disconnected: {reason}")
         if not self._stopping.is_set():
             log.warning("lost the broker (%s); reconnecting", reason)
 
@@ -259,9 +269,11 @@ class MqttBridge:
         if msg.retain:
             # A retained command would be replayed at every subscription: never apply one.
             log.warning("ignored a retained message on %r: commands must not be retained", msg.topic)
+            self.metrics.dropped.labels("retained-command").inc()
             parsed = None
         elif parsed is None:
             log.warning("ignored a message on %r: not a command topic with a valid user id", msg.topic)
+            self.metrics.dropped.labels("bad-topic").inc()
         if parsed is None:
             if msg.qos:
                 self.client.ack(msg.mid, msg.qos)
@@ -392,6 +404,12 @@ class MqttBridge:
                 info = self.client.publish(topic, e.payload, qos=1, retain=e.retain)
                 flight.pending.append(partial(acknowledged, info))
                 self._outstanding += 1
+        if batch.entries:
+            counts: dict[str, int] = {}
+            for e in batch.entries:
+                counts[e.kind] = counts.get(e.kind, 0) + 1
+            for kind, n in counts.items():
+                self.metrics.events_published.labels(kind).inc(n)
         flight.complete = True
 
     def _wait_for_window(self) -> None:
@@ -450,8 +468,10 @@ class MqttBridge:
                     # A pooled connection the server had closed (a restart, an idle timeout): connections
                     # are not pinged before use, so try a fresh one at once before calling it an outage.
                     reconnected = True
+                    self.metrics.database_retries.inc()
                     log.info("the database connection was lost (%s); reconnecting", type(exc).__name__)
                     continue
+                self.metrics.database_retries.inc()
                 if self.is_transient(exc):
                     outage_since = outage_since or time.monotonic()
                     log.warning(

@@ -19,6 +19,7 @@ from . import core
 from . import protocol as p
 from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, RateLimited, UnknownCommand
 from .limits import DEFAULT_MAX_EVENT, OncePer, RateLimiter
+from .metrics import Metrics
 from .model import Conflict, OutboxEntry, Store, UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,10 @@ class Service:
         limiter: RateLimiter | None = None,
         broadcast_presence: bool = True,
         max_event: int = DEFAULT_MAX_EVENT,
+        metrics: Metrics | None = None,
     ) -> None:
         self.uow = uow
+        self.metrics = metrics or Metrics()
         self.epoch = epoch
         self.max_payload = max_payload
         self.clock = clock
@@ -190,13 +193,18 @@ class Service:
             return None
         if self._flood_warning.due(item.user_id, now):
             log.warning("%s is over its rate limit; its commands are refused with rate-limited", item.user_id)
-        error = RateLimited(f"too many commands; retry in {wait:.3f}s", retry_after=wait)
+        self.metrics.rate_limited.inc()
         command = item.command if item.command in p.COMMANDS else None
+        self.metrics.commands.labels(command or "unknown", "rate-limited").inc()
+        error = RateLimited(f"too many commands; retry in {wait:.3f}s", retry_after=wait)
         return [self._error(item.user_id, error, command, request_id_of(item.payload))]
 
     def internal_errors(self, items: Sequence[Inbound]) -> Batch:
         """Answers for commands whose batch could not be committed at all (not stored: no outbox)."""
         failure = InternalError("the bridge failed to apply the command; nothing was done")
+        for item in items:
+            command = item.command if item.command in p.COMMANDS else "unknown"
+            self.metrics.commands.labels(command, "internal").inc()
         errors = [
             self._error(
                 item.user_id,
@@ -234,14 +242,22 @@ class Service:
     def _handle(self, store: Store, item: Inbound) -> list[core.Delivery]:
         command_name = item.command if item.command in p.COMMANDS else None
         request_id = None
+        started = time.perf_counter()
+        outcome = "ok"
         try:
             cmd = parse(item, self.max_payload)
             request_id = cmd.request_id
-            return self._apply(store, item.user_id, cmd)
+            out = self._apply(store, item.user_id, cmd)
         except ChatError as exc:
+            outcome = exc.code
             if request_id is None and not isinstance(exc, PayloadTooLarge):
                 request_id = request_id_of(item.payload)
-            return [self._error(item.user_id, exc, command_name, request_id)]
+            out = [self._error(item.user_id, exc, command_name, request_id)]
+        # (an outage propagates above: the batch is retried and counted when it is handled)
+        label = command_name or "unknown"
+        self.metrics.commands.labels(label, outcome).inc()
+        self.metrics.command_seconds.labels(label).observe(time.perf_counter() - started)
+        return out
 
     def _apply(self, store: Store, sender: str, cmd: p.Command) -> list[core.Delivery]:
         handler = core.HANDLERS[type(cmd)]
