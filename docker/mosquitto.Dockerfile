@@ -1,11 +1,11 @@
-# Mosquitto with the flood-guard plugin that mosquitto/mosquitto.conf loads, for docker-compose.yml.
+# Mosquitto with chat-bridge's plugin (passwords, client ids, caps, flood guard) that mosquitto/mosquitto.conf loads, for docker-compose.yml.
 # Debian's Mosquitto 2.0, as on our machines; the plugin is built against the same headers.
 FROM debian:bookworm-slim AS plugin
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev mosquitto-dev libmosquitto-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 COPY mosquitto/plugins/flood_guard.c /src/flood_guard.c
-RUN cc -shared -fPIC -O2 -Wall -Wextra -Werror -o /src/chat_flood_guard.so /src/flood_guard.c
+RUN cc -shared -fPIC -O2 -Wall -Wextra -Werror -o /src/chat_flood_guard.so /src/flood_guard.c -lcrypto
 
 FROM debian:bookworm-slim
 RUN apt-get update \

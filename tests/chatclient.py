@@ -41,7 +41,7 @@ class ChatClient:
         self._counter = 0
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"{user}-{self.session_id}",
+            client_id=client_id or f"{user}:{self.session_id}",
             clean_session=clean_session,
             protocol=paho.MQTTv311,
         )

@@ -118,6 +118,7 @@ ACCOUNTS = {
     "mallory": "mallory-pw",
     "chat-bridge": "bridge-pw",
     "chat-observer": "observer-pw",
+    "chat-push": "push-pw",
 }
 
 
@@ -141,7 +142,7 @@ def secure_mosquitto(tmp_path: Path) -> Iterator[tuple[Mosquitto, Path]]:
         tmp_path,
         ROOT / "mosquitto" / "mosquitto.conf",
         {
-            "password_file": str(password_file),
+            "plugin_opt_password_file": str(password_file),
             "acl_file": str(ROOT / "mosquitto" / "acl"),
             "persistence_location": f"{data}/",
             "plugin": str(guard),

@@ -45,7 +45,7 @@ def test_mosquitto_mounts_match_the_shipped_config() -> None:
         for line in (ROOT / "mosquitto/mosquitto.conf").read_text().splitlines()
         if line and not line.startswith("#") and " " in line
     )
-    for key in ("password_file", "acl_file", "persistence_location"):
+    for key in ("plugin_opt_password_file", "acl_file", "persistence_location"):
         path = "/" + conf[key].rstrip("/")
         assert path in mounts or any(path.startswith(t) for t in mounts), (key, path)
         if key != "persistence_location":
