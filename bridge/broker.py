@@ -26,8 +26,8 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 
 from . import passwords
-from .acl import BRIDGE_ACCOUNT, TopicRules
 from .limits import OncePer, RateLimiter
+from .topics import BRIDGE_ACCOUNT, Topics
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class PasswordFileAuth(BaseAuthPlugin):  # type: ignore[misc]
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._path = Path(self.config.password_file)
-        self._rules = TopicRules(self.config.prefix)
+        self._rules = Topics(self.config.prefix)
         self._mtime = -1.0
         self._entries: dict[str, str] = {}
 
@@ -145,7 +145,7 @@ class TopicRulesPlugin(BaseTopicPlugin):  # type: ignore[misc]
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
-        self._rules = TopicRules(self.config.prefix)
+        self._rules = Topics(self.config.prefix)
 
     async def topic_filtering(
         self, *, session: Any = None, topic: str | None = None, action: Any = None

@@ -8,7 +8,6 @@ import gc
 import getpass
 import logging
 import os
-import re
 import secrets
 import signal
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 from chat_bridge.chat import add_chat_command
 
 from . import passwords
-from .acl import BRIDGE_ACCOUNT, OBSERVER_ACCOUNT
 from .broker import BrokerStartError, InProcessPublisher, Security, flood_guard_for, start_broker
 from .config import (
     DEFAULT_DATABASE_URL,
@@ -36,10 +34,10 @@ from .http import HttpServer, HttpServerError
 from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, RateLimiter
 from .metrics import Health, Metrics, database_probe
 from .model import User
-from .mqtt import MqttBridge, Publisher, Topics
-from .protocol import ID_PATTERN
+from .mqtt import MqttBridge, Publisher
 from .service import Service, new_id, wall_clock_ms
 from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
+from .topics import BRIDGE_ACCOUNT, SERVICE_ACCOUNTS, Topics, is_user_id
 
 log = logging.getLogger("chat-bridge")
 
@@ -166,7 +164,7 @@ def users_command(args: argparse.Namespace) -> int:
         for name in entries:
             print(name)
         return 0
-    if not re.fullmatch(ID_PATTERN, args.name):
+    if not is_user_id(args.name):
         raise ConfigError(f"user ids are 1-64 of A-Z a-z 0-9 _ -, not {args.name!r}")
     if args.action == "remove":
         if entries.pop(args.name, None) is None:
@@ -176,7 +174,7 @@ def users_command(args: argparse.Namespace) -> int:
         return 0
     entries[args.name] = passwords.hash_password(read_password(args))
     passwords.write(path, entries)
-    if args.name in (BRIDGE_ACCOUNT, OBSERVER_ACCOUNT):
+    if args.name in SERVICE_ACCOUNTS:
         print(f"{args.name} saved in {path} (a service account: not registered as a chat user)")
         return 0
     engine = make_engine(args.database_url)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import queue
-import re
 import socket
 import threading
 import time
@@ -33,49 +32,12 @@ from . import protocol as p
 from .config import BrokerAddress
 from .metrics import Health, Metrics
 from .model import OutboxEntry
-from .protocol import ID_PATTERN
 from .service import Batch, Inbound, Service, encode
+from .topics import Topics
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-
-_USER_ID = re.compile(ID_PATTERN)
-
-
-class Topics:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.commands = f"{prefix}/users/+/commands/+"
-        self.status = f"{prefix}/bridge/status"
-        self._command_parts = len(prefix.split("/")) + 4
-
-    def parse_command(self, topic: str) -> tuple[str, str] | None:
-        """(user id, command name) of a command topic, or None when it is not one we can answer."""
-        parts = topic.split("/")
-        if len(parts) != self._command_parts or "/".join(parts[:-4]) != self.prefix:
-            return None
-        user, command = parts[-3], parts[-1]
-        return (user, command) if _USER_ID.match(user) else None
-
-    def command(self, user_id: str, name: str) -> str:
-        return f"{self.prefix}/users/{user_id}/commands/{name}"
-
-    def inbox(self, user_id: str) -> str:
-        return f"{self.prefix}/users/{user_id}/inbox"
-
-    def conversation(self, conversation_id: str) -> str:
-        return f"{self.prefix}/conversations/{conversation_id}/events"
-
-    def presence(self, user_id: str) -> str:
-        return f"{self.prefix}/presence/{user_id}"
-
-    def of(self, kind: str, key: str) -> str:
-        if kind == "inbox":
-            return self.inbox(key)
-        if kind == "conversation":
-            return self.conversation(key)
-        return self.presence(key)
 
 
 def acknowledged(info: paho.MQTTMessageInfo) -> bool:

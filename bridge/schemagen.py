@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 
 from . import protocol as p
+from .topics import DEFAULT_PREFIX, Topics
+
+LAYOUT = Topics(DEFAULT_PREFIX)  # the addresses documented, under the default prefix
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 BASE_ID = "https://chat-bridge.invalid/schemas/v1"
@@ -125,7 +128,7 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     "mqtt": {
                         "cleanSession": True,
                         "lastWill": {
-                            "topic": "chat/v1/users/{user}/commands/disconnect",
+                            "topic": LAYOUT.command("{user}", "disconnect"),
                             "qos": 1,
                             "retain": False,
                             "message": '{"session_id": "<this connection\'s session_id>", "reason": "lost"}',
@@ -138,7 +141,7 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
         },
         "channels": {
             "commands": {
-                "address": "chat/v1/users/{user}/commands/{command}",
+                "address": LAYOUT.command("{user}", "{command}"),
                 "description": "Commands from a user's clients (and the broker, for their last will).",
                 "parameters": {
                     "user": user_param,
@@ -147,27 +150,27 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "messages": msg_refs("cmd", p.COMMANDS),
             },
             "inbox": {
-                "address": "chat/v1/users/{user}/inbox",
+                "address": LAYOUT.inbox("{user}"),
                 "description": "Events for one user: answers (with request_id) and broadcast copies "
                 "(request_id null).",
                 "parameters": {"user": user_param},
                 "messages": msg_refs("evt", event_names),
             },
             "conversationEvents": {
-                "address": "chat/v1/conversations/{conversation}/events",
+                "address": LAYOUT.conversation("{conversation}"),
                 "description": "Every event about a conversation, once, with request_id null; for observers "
                 "granted by the operator, not ordinary users.",
                 "parameters": {"conversation": {"description": "a conversation id"}},
                 "messages": msg_refs("evt", conversation_events),
             },
             "presence": {
-                "address": "chat/v1/presence/{user}",
+                "address": LAYOUT.presence("{user}"),
                 "description": "Retained presence of each user.",
                 "parameters": {"user": user_param},
                 "messages": {"presence": {"$ref": "#/components/messages/presence"}},
             },
             "bridgeStatus": {
-                "address": "chat/v1/bridge/status",
+                "address": LAYOUT.status,
                 "description": "Retained; a new epoch at every bridge start. The bridge's own last will sets "
                 '{"status": "offline"}. On a new epoch, clients send connect again.',
                 "messages": {"bridgeStatus": {"$ref": "#/components/messages/bridgeStatus"}},

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 
-from . import core
+from . import core, topics
 from . import protocol as p
 from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, RateLimited, UnknownCommand
 from .limits import DEFAULT_MAX_EVENT, OncePer, RateLimiter
@@ -72,7 +72,7 @@ def encode(deliveries: Sequence[core.Delivery], batch: str, wire: Wire | None = 
     """Serializes each event once, however many recipients share it (`wire`: already serialized)."""
     encoded: Wire = {} if wire is None else wire
     return [
-        OutboxEntry(d.kind, d.key, serialized(d.payload, encoded), d.kind == "presence", batch)
+        OutboxEntry(d.kind, d.key, serialized(d.payload, encoded), topics.retained(d.kind), batch)
         for d in deliveries
     ]
 
