@@ -4,6 +4,9 @@ For the same traffic shape, U users in U/2 direct pairs, each sender sending N
 messages to its partner at QoS 1, it measures:
 
   raw    paho sender -> Mosquitto -> paho receiver (no bridge)
+  relay  send-message -> the same-shape relay (bench/relay.py: three QoS 1 events per
+         command, acknowledged after, no storage; on the bridge's MQTT library)
+         -> message-added at the partner
   bridge send-message -> bridge (store, then publish) -> message-added at the partner
 
 closed loop (senders publish as fast as paho lets them; throughput = messages
@@ -11,10 +14,12 @@ delivered / time from the first send to the last delivery), then open loop at
 500 msg/s and at 25/50/75 % of the bridge's closed-loop maximum, messages
 evenly spaced (latency send -> delivery, from a timestamp in the body). Load
 comes from two separate processes. Prints messages/s, events/s, p50/p99/max
-latency, the bridge's CPU and RSS and the ratio to the raw relay; writes
+latency, the CPU and RSS of the bridge (and of the relay), the CPU time per
+delivered chat message (process CPU seconds / messages delivered) and the
+bridge's ratios to the raw and to the same-shape relay; writes
 bench/results/throughput.json and throughput.png.
 
-    python bench/throughput.py [--quick] [--embedded] [--database-url URL]
+    python bench/throughput.py [--quick] [--embedded] [--client mqttc|paho] [--database-url URL]
 
 --embedded runs the bridge with its embedded amqtt broker (`chat-bridge serve
 --listen`); the raw relay then goes through that same amqtt.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +42,15 @@ import orjson
 import paho.mqtt.client as paho
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import client, percentile, proc_stats, start_bridge, start_embedded, start_mosquitto
+from harness import (
+    client,
+    percentile,
+    proc_stats,
+    start_bridge,
+    start_embedded,
+    start_mosquitto,
+    wait_for_line,
+)
 
 PROCESSES = 2  # load generators; the machine has 2 cores
 
@@ -88,8 +102,9 @@ def worker(
             if mode == "raw":
                 c.publish(f"bench/raw/{receiver}", stamp.encode(), qos=1)
             else:
+                prefix = "bench/relay" if mode == "relay" else "chat/v1"
                 c.publish(
-                    f"chat/v1/users/{sender}/commands/send-message",
+                    f"{prefix}/users/{sender}/commands/send-message",
                     orjson.dumps({"conversation_id": conv, "body": stamp}),
                     qos=1,
                 )
@@ -143,6 +158,7 @@ def run(
     rate: float,
     bridge_pid: int | None,
 ) -> dict[str, Any]:
+    """One run; `bridge_pid` is the process whose CPU and RSS are measured (the bridge or the relay)."""
     out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 2.0
     chunks = [pairs[i::PROCESSES] for i in range(PROCESSES)]
@@ -176,7 +192,7 @@ def run(
         "msgs_per_s": round(delivered / seconds, 1),
         # the bridge publishes three events per message: the sender's answer, the partner's copy and
         # the conversation topic's; the raw relay one
-        "events_per_s": round(delivered * (3 if mode == "bridge" else 1) / seconds),
+        "events_per_s": round(delivered * (1 if mode == "raw" else 3) / seconds),
         "p50_ms": round(percentile(lat, 0.5), 2),
         "p99_ms": round(percentile(lat, 0.99), 2),
         "max_ms": round(max(lat), 2) if lat else None,
@@ -184,20 +200,38 @@ def run(
         if bridge_pid
         else None,
         "bridge_rss_mb": round(rss / 2**20, 1) if bridge_pid else None,
+        # process CPU time / chat messages delivered, the whole run (set-up of the senders excluded)
+        "cpu_us_per_msg": round((cpu1 - cpu0) / delivered * 1e6, 1) if bridge_pid and delivered else None,
     }
+
+
+def start_relay(
+    workdir: Path, port: int, pairs: list[tuple[str, str, str]], library: str
+) -> subprocess.Popen[str]:
+    """bench/relay.py on `library`, once it is subscribed."""
+    path = workdir / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    relay = Path(__file__).resolve().parent / "relay.py"
+    args = ["--library", library, "--port", str(port), "--pairs", str(path)]
+    proc = subprocess.Popen([sys.executable, str(relay), *args], stderr=subprocess.PIPE, text=True)
+    wait_for_line(proc, "relay online")
+    return proc
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'run':7} {'offered':>8} {'delivered':>9} {'msg/s':>8} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
     )
-    head += f" {'max ms':>8} {'CPU %':>6} {'RSS MB':>7}"
+    head += f" {'max ms':>8} {'CPU %':>6} {'RSS MB':>7} {'CPU us/msg':>10}"
     lines = [head]
     for r in rows:
         cells = [r["mode"], r["offered_rate"], r["delivered"], r["msgs_per_s"], r["events_per_s"]]
         cells += [r["p50_ms"], r["p99_ms"], r["max_ms"], r["bridge_cpu_percent"], r["bridge_rss_mb"]]
+        cells += [r["cpu_us_per_msg"]]
         lines.append(
-            "{!s:7} {!s:>8} {!s:>9} {!s:>8} {!s:>9} {!s:>8} {!s:>8} {!s:>8} {!s:>6} {!s:>7}".format(*cells)
+            "{!s:7} {!s:>8} {!s:>9} {!s:>8} {!s:>9} {!s:>8} {!s:>8} {!s:>8} {!s:>6} {!s:>7} {!s:>10}".format(
+                *cells
+            )
         )
     return "\n".join(lines)
 
@@ -209,7 +243,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
-    for mode, colour in (("raw", "tab:grey"), ("bridge", "tab:blue")):
+    for mode, colour in (("raw", "tab:grey"), ("relay", "tab:orange"), ("bridge", "tab:blue")):
         open_loop = sorted(
             (r for r in rows if r["mode"] == mode and r["offered_rate"] != "max"),
             key=lambda r: r["offered_rate"],
@@ -244,6 +278,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500, help="a fixed rate, besides 25/50/75%% of the max")
     parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
     parser.add_argument("--embedded", action="store_true", help="the amqtt broker embedded in the bridge")
+    parser.add_argument(
+        "--client",
+        choices=["mqttc", "paho"],
+        help="the bridge's MQTT client (`serve --mqtt-client`) and the relay's library (default: mqttc)",
+    )
+    parser.add_argument("--no-relay", action="store_true", help="skip the same-shape relay")
     parser.add_argument("--json", type=Path, default=Path("bench/results/throughput.json"))
     parser.add_argument("--plot", type=Path, default=Path("bench/results/throughput.png"))
     args = parser.parse_args()
@@ -252,39 +292,61 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="chat-throughput-"))
     database_url = args.database_url or f"sqlite:///{workdir}/bench.sqlite3"
     broker = None
+    library = args.client or "mqttc"
+    options = ("--rate-limit", "0") + (("--mqtt-client", args.client) if args.client else ())
     if args.embedded:
-        bridge, port = start_embedded(database_url, "--rate-limit", "0")
+        bridge, port = start_embedded(database_url, *options)
     else:
         broker, port = start_mosquitto(workdir)
-        bridge = start_bridge(port, database_url, "--rate-limit", "0")
+        bridge = start_bridge(port, database_url, *options)
     storage = "PostgreSQL" if database_url.startswith("postgresql") else "SQLite"
     title = f"{args.users} users in {args.users // 2} direct pairs, QoS 1, {storage}, " + (
         "embedded amqtt broker" if args.embedded else "Mosquitto (tcp_nodelay)"
     )
+    title += f", bridge client {args.client or 'default'}"
+    relay = None
     try:
         pairs = setup_conversations(port, args.users)
+        if not args.no_relay:
+            relay = start_relay(workdir, port, pairs, library)
         senders = len(pairs)
-        rows = [
-            run("raw", port, pairs, messages, 0, None),
-            run("bridge", port, pairs, messages, 0, bridge.pid),
-        ]
-        top = rows[1]["msgs_per_s"]
+        rows = [run("raw", port, pairs, messages, 0, None)]
+        if relay is not None:
+            rows.append(run("relay", port, pairs, messages, 0, relay.pid))
+        rows.append(run("bridge", port, pairs, messages, 0, bridge.pid))
+        top = rows[-1]["msgs_per_s"]
         rates = sorted({args.rate, round(top * 0.25), round(top * 0.5), round(top * 0.75)})
         for rate in rates:
             per_sender = max(1, round(rate * seconds / senders))
             rows.append(run("raw", port, pairs, per_sender, rate, None))
+            if relay is not None and rate == args.rate:
+                rows.append(run("relay", port, pairs, per_sender, rate, relay.pid))
             rows.append(run("bridge", port, pairs, per_sender, rate, bridge.pid))
     finally:
-        bridge.terminate()
-        bridge.wait(30)
+        for proc in (bridge, relay):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
         if broker is not None:
             broker.terminate()
-    ratio = rows[1]["msgs_per_s"] / rows[0]["msgs_per_s"]
+    closed = {r["mode"]: r for r in rows if r["offered_rate"] == "max"}
+    bridge_max, raw_max = closed["bridge"]["msgs_per_s"], closed["raw"]["msgs_per_s"]
+    ratio = bridge_max / raw_max
     print(title)
     print(table(rows))
-    bridge_max, raw_max = rows[1]["msgs_per_s"], rows[0]["msgs_per_s"]
     print(f"closed loop: bridge {bridge_max} msg/s / raw relay {raw_max} msg/s = {ratio:.2f}")
-    result = {"title": title, "quick": args.quick, "rows": rows, "ratio": round(ratio, 3)}
+    result: dict[str, Any] = {"title": title, "quick": args.quick, "rows": rows, "ratio": round(ratio, 3)}
+    if "relay" in closed:
+        relay_max = closed["relay"]["msgs_per_s"]
+        result["relay_ratio"] = round(bridge_max / relay_max, 3)
+        print(
+            f"closed loop: bridge {bridge_max} msg/s / same-shape relay ({library}) {relay_max} msg/s"
+            f" = {bridge_max / relay_max:.2f}"
+        )
+    print(
+        f"bridge CPU per delivered chat message (closed loop): {closed['bridge']['cpu_us_per_msg']} us"
+        + (f"; relay: {closed['relay']['cpu_us_per_msg']} us" if "relay" in closed else "")
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     plot(rows, title, args.plot)

@@ -165,7 +165,16 @@ class _Protocol(asyncio.Protocol):
 
 
 class Client:
-    """See the module docstring. Use from one event loop; `start()` then `publish`/`subscribe`/`ack`."""
+    """See the module docstring. Use from one event loop; `start()` then `publish`/`subscribe`/`ack`.
+
+    The exceptions a publish's future fails with are class attributes, so that an adapter can fail
+    them with its own error types (subclasses of these) without wrapping every future.
+    """
+
+    publish_lost: type[ConnectionLost] = ConnectionLost
+    publish_not_connected: type[NotConnected] = NotConnected
+    publish_too_large: type[PacketTooLarge] = PacketTooLarge
+    publish_invalid: type[ValueError] = ValueError
 
     def __init__(
         self,
@@ -190,6 +199,7 @@ class Client:
         on_messages: Callable[[list[Message]], None] | None = None,
         on_connect: Callable[[bool], None] | None = None,
         on_disconnect: Callable[[BaseException | None], None] | None = None,
+        on_connect_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         if not 0 < window < 65_535:
             raise ValueError("window must be between 1 and 65534")
@@ -213,6 +223,7 @@ class Client:
         self.on_messages = on_messages
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
+        self.on_connect_error = on_connect_error
         self.stats = _Stats()
         self._conn: _Connection | None = None
         self._connections = 0
@@ -230,8 +241,9 @@ class Client:
     def connected(self) -> bool:
         return self._conn is not None and self._conn.up
 
-    async def start(self) -> None:
-        """Keeps a connection up (reconnecting with backoff) until `stop()`; returns at once."""
+    def start(self) -> None:
+        """Keeps a connection up (reconnecting with backoff) until `stop()`; returns at once (call it
+        from the event loop)."""
         if self._supervisor is None:
             self._stopping = False
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
@@ -260,7 +272,7 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
             self._supervisor = None
-        self._fail_publishes(ConnectionLost("the client stopped before the broker acknowledged"))
+        self._fail_publishes(self.publish_lost("the client stopped before the broker acknowledged"))
 
     def _fail_publishes(self, error: MqttError) -> None:
         for item in [*self._in_flight.values(), *self._waiting]:
@@ -268,6 +280,15 @@ class Client:
                 item.future.set_exception(error)
         self._in_flight.clear()
         self._waiting.clear()
+
+    def reconnect(self) -> None:
+        """Ends the connection with a DISCONNECT (the broker drops the will) and makes a new one."""
+        conn = self._conn
+        if conn is not None and conn.transport is not None:
+            if conn.up:
+                self._send(conn, codec.DISCONNECT_PACKET)
+                self._flush(conn)
+            conn.transport.close()
 
     def abort(self) -> None:
         """Drops the connection without DISCONNECT (the broker then publishes the will); tests use it."""
@@ -290,7 +311,9 @@ class Client:
                 continue
             except ConnectionRefused as exc:
                 log.error("%s; retrying in %.1fs", exc, delay)
+                self._connect_failed(exc)
             except (TimeoutError, OSError, MqttError, ValueError) as exc:
+                self._connect_failed(exc)
                 log.warning(
                     "cannot connect to %s:%d (%s); retrying in %.1fs",
                     self.host,
@@ -300,6 +323,13 @@ class Client:
                 )
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.reconnect_max)
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        if self.on_connect_error is not None:
+            try:
+                self.on_connect_error(exc)
+            except Exception:
+                log.exception("on_connect_error failed")
 
     async def _connect_once(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -392,28 +422,30 @@ class Client:
         try:
             raw_topic = codec.topic_bytes(topic)
         except ValueError as exc:
-            future.set_exception(exc)
+            future.set_exception(self.publish_invalid(str(exc)))
             return future
         size = len(raw_topic) + len(payload) + (4 if qos else 2)
         size += len(codec.remaining_length(size)) + 1 if size <= codec.MAX_REMAINING_LENGTH else 5
         if size > self.max_packet_size:
             future.set_exception(
-                PacketTooLarge(f"a publish of {size} bytes exceeds the limit of {self.max_packet_size}")
+                self.publish_too_large(
+                    f"a publish of {size} bytes exceeds the limit of {self.max_packet_size}"
+                )
             )
             return future
         conn = self._conn
         if qos == 0:
             if conn is None or not conn.up:
-                future.set_exception(NotConnected("not connected: a QoS 0 publish is not kept"))
+                future.set_exception(self.publish_not_connected("not connected: a QoS 0 publish is not kept"))
             else:
                 self._send(conn, codec.encode_publish(raw_topic, payload, 0, retain))
                 future.set_result(None)
             return future
         if qos != 1:
-            future.set_exception(ValueError("this client publishes at QoS 0 or 1"))
+            future.set_exception(self.publish_invalid("this client publishes at QoS 0 or 1"))
             return future
         if not self.resend_on_reconnect and (conn is None or not conn.up):
-            future.set_exception(NotConnected("not connected"))
+            future.set_exception(self.publish_not_connected("not connected"))
             return future
         item = _Outgoing(raw_topic, payload, retain, future)
         if conn is not None and conn.up and not self._waiting and len(self._in_flight) < self.window:
@@ -584,7 +616,9 @@ class Client:
                     future.set_exception(ConnectionLost("the connection dropped"))
                 del self._requests[pid]
             if not self.resend_on_reconnect:
-                self._fail_publishes(ConnectionLost("the connection dropped before the broker acknowledged"))
+                self._fail_publishes(
+                    self.publish_lost("the connection dropped before the broker acknowledged")
+                )
         if conn.lost is not None and not conn.lost.done():
             conn.lost.set_result(None)
         if was_up:

@@ -73,7 +73,7 @@ def ids() -> Callable[[str], str]:
 
 async def connected(port: int, client_id: str, **kw: Any) -> Client:
     c = Client("127.0.0.1", port, client_id=client_id, reconnect_min=0.05, reconnect_max=0.5, **kw)
-    await c.start()
+    c.start()
     await c.wait_connected(10)
     return c
 

@@ -215,7 +215,7 @@ def test_malformed_broker_input_drops_the_connection_and_resends(garbage: bytes)
         broker = await FakeBroker(puback=False).start()
         got: list[Message] = []
         cl = client(broker, on_message=got.append)
-        await cl.start()
+        cl.start()
         await cl.wait_connected(5)
         pending = cl.publish("t", b"keep me")
         await broker.until(lambda: len(broker.of(c.Publish)) == 1)
@@ -238,7 +238,7 @@ def test_oversized_incoming_packet_drops_the_connection() -> None:
         broker = await FakeBroker().start()
         got: list[Message] = []
         cl = client(broker, on_message=got.append, max_incoming_packet_size=64)
-        await cl.start()
+        cl.start()
         await cl.wait_connected(5)
         broker.send(c.encode_publish(b"t", b"x" * 100, 0))
         await broker.until(lambda: len(broker.of(c.Connect)) == 2)
@@ -255,7 +255,7 @@ def test_a_broker_that_stops_answering_pings_is_dropped() -> None:
         cl = client(broker, keepalive=1)
         lost: list[BaseException | None] = []
         cl.on_disconnect = lost.append
-        await cl.start()
+        cl.start()
         await cl.wait_connected(5)
         loop = asyncio.get_running_loop()
         started = loop.time()
