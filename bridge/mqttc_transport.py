@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl as ssl_module
 from collections.abc import Sequence
@@ -55,8 +56,8 @@ def describe(exc: BaseException) -> str:
         return f"cannot resolve the host ({exc.strerror or exc})"
     if isinstance(exc, TimeoutError):
         return "timed out connecting"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's own strerror is "Connect call failed (host, port)"
     return str(exc) or type(exc).__name__
 
 
