@@ -31,7 +31,7 @@ from .config import (
     parse_listen,
 )
 from .http import HttpServer, HttpServerError
-from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, RateLimiter
+from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, CostBudget, RateLimiter
 from .metrics import Health, Metrics, database_probe
 from .model import User
 from .mqtt import MqttBridge, Publisher
@@ -77,6 +77,20 @@ OPTIONS = (
         "commands per second each user may send on average; 0: no limit",
     ),
     ("--rate-burst", "CHAT_BRIDGE_RATE_BURST", "200", "how many commands a user may send at once"),
+    (
+        "--cost-limit",
+        "CHAT_BRIDGE_COST_LIMIT",
+        "500",
+        "events per second a user's commands may cause on average (a message to 100 people is 100); "
+        "0: no cost budget",
+    ),
+    ("--cost-burst", "CHAT_BRIDGE_COST_BURST", "2000", "how many events a user's commands may cause at once"),
+    (
+        "--cost-total",
+        "CHAT_BRIDGE_COST_TOTAL",
+        "5000",
+        "events per second of all users together; beyond it, users who spent little come first",
+    ),
     (
         "--presence",
         "CHAT_BRIDGE_PRESENCE",
@@ -193,10 +207,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     try:
         grace = float(args.session_grace)
         rate, burst = float(args.rate_limit), int(args.rate_burst)
+        cost, cost_burst, cost_total = float(args.cost_limit), int(args.cost_burst), float(args.cost_total)
     except ValueError:
         raise ConfigError(
-            "--session-grace and --rate-limit take numbers, --rate-burst a whole number"
+            "--session-grace, --rate-limit, --cost-limit and --cost-total take numbers, "
+            "--rate-burst and --cost-burst whole numbers"
         ) from None
+    if cost < 0 or cost_burst < 1 or cost_total <= 0:
+        raise ConfigError("--cost-limit must be 0 or more, --cost-burst at least 1, --cost-total positive")
     if rate < 0 or burst < 1:
         raise ConfigError("--rate-limit must be 0 or more and --rate-burst at least 1")
     try:
@@ -219,6 +237,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         password_file=args.password_file or None,
         rate_limit=rate,
         rate_burst=burst,
+        cost_limit=cost,
+        cost_burst=cost_burst,
+        cost_total=cost_total,
         presence=args.presence,
         max_event=max_event,
         http_listen=http_listen,
@@ -264,6 +285,9 @@ def build_bridge(
         max_payload=settings.max_payload,
         transient=TRANSIENT_ERRORS,
         limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None,
+        cost=CostBudget(settings.cost_limit, settings.cost_burst, settings.cost_total)
+        if settings.cost_limit > 0
+        else None,
         broadcast_presence=settings.presence == "broadcast",
         max_event=settings.max_event,
         metrics=metrics,

@@ -147,6 +147,15 @@ def members(store: Store, conv: Conversation) -> list[str]:
     return store.all_user_ids() if source == GLOBAL_ID else store.participant_ids(source)
 
 
+def audience(store: Store, conv: Conversation) -> list[str]:
+    """Who hears of what happens in it: the participants, but for global (and its threads) only users
+    with a live session, so that its cost never grows with users who are away (they catch up with
+    get-messages)."""
+    if owner_of_membership(conv) == GLOBAL_ID:
+        return store.active_user_ids()
+    return members(store, conv)
+
+
 def conversation_out(store: Store, conv: Conversation) -> p.ConversationOut:
     return p.ConversationOut(
         conversation_id=conv.conversation_id,
@@ -392,14 +401,14 @@ def post(
     store.add_message(message)
     data = p.MessageData(message=message_out(message))
     ctx.answer(p.MessageAdded, data)
-    others = [u for u in (everyone if everyone is not None else members(store, conv)) if u != ctx.sender]
+    others = [u for u in (everyone if everyone is not None else audience(store, conv)) if u != ctx.sender]
     ctx.notify(p.MessageAdded, data, others, conv.conversation_id)
 
 
 def send_message(cmd: p.SendMessage, ctx: Context) -> None:
     # One read of the participants serves both the visibility check and the delivery (the hot path).
     conv = ctx.store.get_conversation(cmd.conversation_id)
-    everyone = members(ctx.store, conv) if conv is not None else []
+    everyone = audience(ctx.store, conv) if conv is not None else []
     if conv is None or (owner_of_membership(conv) != GLOBAL_ID and ctx.sender not in everyone):
         raise NotFound(f"conversation {cmd.conversation_id} not found")
     post(ctx, conv, cmd.body, cmd.client_msg_id, everyone)
@@ -421,7 +430,7 @@ def reply(cmd: p.Reply, ctx: Context) -> None:
             )
             store.add_conversation(thread, [])  # Conflict when a concurrent reply created it first
             created = p.ConversationData(conversation=conversation_out(store, thread))
-            ctx.notify(p.ConversationCreated, created, members(store, thread), thread.conversation_id)
+            ctx.notify(p.ConversationCreated, created, audience(store, thread), thread.conversation_id)
         else:
             thread = found
     post(ctx, thread, cmd.body, cmd.client_msg_id)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 # The largest event payload the bridge publishes, in bytes (`--max-event-size`). Brokers refuse larger
@@ -64,6 +65,56 @@ class RateLimiter:
         full_after = self.burst / self.rate * 1000
         for user in [u for u, b in self._buckets.items() if now_ms - b.at_ms >= full_after]:
             del self._buckets[user]
+
+
+class CostBudget:
+    """What a user's commands cost: the events they cause (a message to 100 people costs 100), at
+    `rate` per second on average in bursts of `burst`, charged after each command ran. A user in debt
+    is refused until it is paid. All users together share a bridge-wide `total` per second: while
+    that is spent, users who spent over half their own burst recently wait too, so that light users
+    (a person chatting) are served first however many heavy accounts there are. Time comes from the
+    caller; safe to use from two threads."""
+
+    def __init__(self, rate: float, burst: int, total: float, max_tracked: int = 100_000) -> None:
+        if rate <= 0 or burst < 1 or total <= 0:
+            raise ValueError("rate and total must be positive and burst at least 1")
+        self.rate, self.burst, self.total = rate, float(burst), total
+        self.max_tracked = max_tracked
+        self._users: dict[str, _Bucket] = {}
+        self._all = _Bucket(total, 0)
+        self._lock = threading.Lock()
+
+    def _refill(self, bucket: _Bucket, rate: float, cap: float, now_ms: int) -> None:
+        bucket.tokens = min(cap, bucket.tokens + max(0, now_ms - bucket.at_ms) / 1000 * rate)
+        bucket.at_ms = max(bucket.at_ms, now_ms)
+
+    def _user(self, user_id: str, now_ms: int) -> _Bucket:
+        bucket = self._users.get(user_id)
+        if bucket is None:
+            if len(self._users) >= self.max_tracked:
+                full_after = self.burst / self.rate * 1000
+                for user in [u for u, b in self._users.items() if now_ms - b.at_ms >= full_after]:
+                    del self._users[user]
+            bucket = self._users[user_id] = _Bucket(self.burst, now_ms)
+        self._refill(bucket, self.rate, self.burst, now_ms)
+        return bucket
+
+    def wait(self, user_id: str, now_ms: int) -> float:
+        """0 when the user may run a command now; else the seconds until it may."""
+        with self._lock:
+            mine = self._user(user_id, now_ms)
+            self._refill(self._all, self.total, self.total, now_ms)
+            if mine.tokens < 0:
+                return math.ceil(-mine.tokens / self.rate * 1000) / 1000
+            if self._all.tokens < 0 and mine.tokens < self.burst / 2:
+                return math.ceil((self.burst / 2 - mine.tokens) / self.rate * 1000) / 1000
+            return 0.0
+
+    def charge(self, user_id: str, cost: int, now_ms: int) -> None:
+        with self._lock:
+            self._user(user_id, now_ms).tokens -= cost
+            self._refill(self._all, self.total, self.total, now_ms)
+            self._all.tokens = max(-self.total, self._all.tokens - cost)
 
 
 class OncePer:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from . import core, topics
 from . import protocol as p
 from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, RateLimited, UnknownCommand
-from .limits import DEFAULT_MAX_EVENT, OncePer, RateLimiter
+from .limits import DEFAULT_MAX_EVENT, CostBudget, OncePer, RateLimiter
 from .metrics import Metrics
 from .model import Conflict, OutboxEntry, Store, UnitOfWork
 
@@ -124,6 +124,7 @@ class Service:
         broadcast_presence: bool = True,
         max_event: int = DEFAULT_MAX_EVENT,
         metrics: Metrics | None = None,
+        cost: CostBudget | None = None,
     ) -> None:
         self.uow = uow
         self.metrics = metrics or Metrics()
@@ -133,6 +134,7 @@ class Service:
         self.ids = ids
         self.transient = transient  # storage outages: propagate so the batch is retried, never answered
         self.limiter = limiter
+        self.cost = cost  # the events each user's commands cause, per second
         self.broadcast_presence = broadcast_presence
         self.max_event = max_event  # bytes: no larger event is ever stored in the outbox or published
         self._wire: Wire = {}  # events of the batch in progress, serialized while measuring them
@@ -152,12 +154,27 @@ class Service:
         out: list[core.Delivery] = []
         self._registered = set()
         self._wire = {}
-        with self.uow.transaction() as store:
-            store.forget_outbox(published)
-            for item in items:
-                refused = None if admitted else self.refusal(item)
-                out.extend(self._handle(store, item) if refused is None else refused)
-            batch = self._outbox(store, out)
+        charged: list[tuple[str, int]] = []
+        try:
+            with self.uow.transaction() as store:
+                store.forget_outbox(published)
+                for item in items:
+                    refused = None if admitted else self.refusal(item)
+                    if refused is None:
+                        refused = self._over_cost(item)  # again: the batch's earlier commands spent some
+                    if refused is None:
+                        delivered = self._handle(store, item)
+                        if self.cost is not None and not item.queued:
+                            self.cost.charge(item.user_id, len(delivered), self.clock())
+                            charged.append((item.user_id, len(delivered)))
+                        refused = delivered
+                    out.extend(refused)
+                batch = self._outbox(store, out)
+        except BaseException:
+            if self.cost is not None:  # not committed: the batch will be retried, so nothing was spent
+                for user_id, cost in charged:
+                    self.cost.charge(user_id, -cost, self.clock())
+            raise
         self._known |= self._registered  # committed: these senders' rows exist now
         return batch
 
@@ -182,21 +199,37 @@ class Service:
         return batch
 
     def refusal(self, item: Inbound) -> list[core.Delivery] | None:
-        """None when the command may run; otherwise its `rate-limited` answer (it does nothing).
-        Needs no storage. Wills (`disconnect`) always go through, and so do queued commands: the
-        broker limited them when they were published, and the bridge being away is no flood."""
+        """None when the command may run; otherwise its `rate-limited` answer (it does nothing): over
+        the count of commands, or in debt for the events its sender's commands caused. Needs no
+        storage. Wills (`disconnect`) always go through, and so do queued commands: the broker limited
+        them when they were published, and the bridge being away is no flood."""
         if self.limiter is None or item.command == "disconnect" or item.queued:
-            return None
+            return self._over_cost(item)
         now = self.clock()
         wait = self.limiter.take(item.user_id, now)
         if not wait:
+            return self._over_cost(item)
+        return self._rate_limited(item, wait, f"too many commands; retry in {wait:.3f}s")
+
+    def _over_cost(self, item: Inbound) -> list[core.Delivery] | None:
+        if self.cost is None or item.command == "disconnect" or item.queued:
             return None
-        if self._flood_warning.due(item.user_id, now):
+        wait = self.cost.wait(item.user_id, self.clock())
+        if not wait:
+            return None
+        return self._rate_limited(
+            item,
+            wait,
+            f"your commands caused too many events (one per recipient); retry in {wait:.3f}s",
+        )
+
+    def _rate_limited(self, item: Inbound, wait: float, message: str) -> list[core.Delivery]:
+        if self._flood_warning.due(item.user_id, self.clock()):
             log.warning("%s is over its rate limit; its commands are refused with rate-limited", item.user_id)
         self.metrics.rate_limited.inc()
         command = item.command if item.command in p.COMMANDS else None
         self.metrics.commands.labels(command or "unknown", "rate-limited").inc()
-        error = RateLimited(f"too many commands; retry in {wait:.3f}s", retry_after=wait)
+        error = RateLimited(message, retry_after=wait)
         return [self._error(item.user_id, error, command, request_id_of(item.payload))]
 
     def internal_errors(self, items: Sequence[Inbound]) -> Batch:

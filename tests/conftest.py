@@ -280,6 +280,7 @@ def running_bridge(
 
     url = f"mqtt://{credentials + '@' if credentials else ''}127.0.0.1:{port}"
     settings.setdefault("rate_limit", 0)  # bursts in tests are deliberate; the limit has tests of its own
+    settings.setdefault("cost_limit", 0)  # likewise the cost budget
     config = Settings(broker_url=url, database_url=database_url, **settings)  # type: ignore[arg-type]
     bridge = build_bridge(config, publisher=publisher)  # type: ignore[arg-type]
     bridge.start()

@@ -94,6 +94,8 @@ def test_bad_options_are_reported_without_a_traceback(tmp_path: Path) -> None:
         ["--presence", "sometimes"],
         ["--max-event-size", "1000"],
         ["--max-event-size", "lots"],
+        ["--cost-limit", "-1"],
+        ["--cost-burst", "many"],
     ):
         result = subprocess.run(serve_cmd(*args), cwd=tmp_path, capture_output=True, text=True, timeout=30)
         assert result.returncode == 2, args

@@ -82,11 +82,20 @@ def test_non_participants_get_not_found_never_forbidden(w: World) -> None:
     assert w.do("carol", "send-message", conversation_id="nope", body="x").error == "not-found"
 
 
-def test_global_conversation_reaches_every_known_user(w: World) -> None:
+def test_global_conversation_reaches_users_with_a_live_session_and_the_others_catch_up(w: World) -> None:
+    """Its cost never grows with users who are away: 1,000 known users cost nothing until they connect."""
     w.do("dave", "get-active-users")  # dave becomes known without connecting
+    w.do("carol", "disconnect", session_id="carol-1")
     out = w.do("alice", "send-message", conversation_id="global", body="hello all")
-    assert out.recipients("message-added") == ["alice", "bob", "carol", "dave"]
+    assert out.recipients("message-added") == ["alice", "bob"]
     assert out.conversation_topic("global") == ["message-added"]
+    for away in ("carol", "dave"):
+        history = w.do(away, "get-messages", conversation_id="global", since_seq=0).data["messages"]
+        assert [m["body"] for m in history] == ["hello all"]
+    root = out.data["message"]["message_id"]
+    replied = w.do("bob", "reply", message_id=root, body="hi")
+    assert replied.recipients("conversation-created") == ["alice", "bob"]
+    assert replied.recipients("message-added") == ["alice", "bob"]
 
 
 def test_get_messages_since_seq_pages_forward(w: World) -> None:

@@ -1,0 +1,111 @@
+"""Cost, not count: a user's commands are limited by the events they cause, so that nobody within the
+command rate can slow everyone else by fanning out."""
+
+from __future__ import annotations
+
+import orjson
+from world import World
+
+from bridge.limits import CostBudget
+from bridge.memory import MemoryStore
+from bridge.model import ChatSession, User
+from bridge.service import Inbound
+
+
+def crowd(w: World, count: int, online: bool) -> list[str]:
+    store = w.uow.store  # type: ignore[attr-defined]
+    assert isinstance(store, MemoryStore)
+    ids = [f"u{i:04d}" for i in range(count)]
+    for u in ids:
+        store.save_user(User(u, None, 0))
+        if online:
+            store.save_session(ChatSession(u, "s", "e1", 0))
+    return ids
+
+
+def test_a_message_to_100_people_costs_100() -> None:
+    w = World()
+    w.now = 1_000_000
+    members = crowd(w, 99, online=False)
+    cid = w.do("alice", "create-conversation", kind="group", participants=members).data["conversation"][
+        "conversation_id"
+    ]
+    w.do("bob", "connect", session_id="b1")
+    w.do("alice", "create-conversation", kind="direct", participants=["bob"])
+    w.service.cost = CostBudget(rate=100, burst=300, total=1_000_000)
+    sent = [w.do("alice", "send-message", conversation_id=cid, body=f"m{i}") for i in range(4)]
+    # each costs 101 (the answer, 99 others, the conversation topic): 300 pays for three
+    assert [o.answer["type"] for o in sent] == ["message-added"] * 3 + ["error"]
+    refused = sent[3].answer["data"]
+    assert refused["code"] == "rate-limited" and "events" in refused["message"]
+    assert 0 < refused["retry_after"] <= 0.1
+    assert len(sent[3].deliveries) == 1  # nothing for anyone else, nothing stored
+    # the same 4 commands into a direct conversation would have cost 12: the count is not the point
+    assert w.do("bob", "get-active-users").answer["type"] == "active-users"  # bob is not affected
+    w.now += 1_000
+    assert w.do("alice", "send-message", conversation_id=cid, body="later").answer["type"] == "message-added"
+
+
+def test_light_users_come_first_while_the_bridge_wide_budget_is_spent() -> None:
+    w = World()
+    w.now = 1_000_000
+    members = crowd(w, 50, online=False)
+    w.service.cost = CostBudget(rate=100, burst=200, total=150)
+    groups = {}
+    for heavy in ("m1", "m2", "m3", "m4"):
+        groups[heavy] = w.do(heavy, "create-conversation", kind="group", participants=members).data[
+            "conversation"
+        ]["conversation_id"]
+    w.now += 10_000  # everyone's budget full again
+    for heavy in ("m1", "m2", "m3"):
+        assert w.do(heavy, "send-message", conversation_id=groups[heavy], body="x").answer["type"] == (
+            "message-added"
+        )  # 52 each
+    assert w.do("m4", "send-message", conversation_id=groups["m4"], body="x").answer["type"] == (
+        "message-added"
+    )
+    # 4 x 52 of the bridge's 150/s: the bridge-wide budget is spent. m1 (under half its own burst
+    # after one more message) waits; bob, who spent nothing, is served.
+    w.do("m1", "send-message", conversation_id=groups["m1"], body="y")
+    assert w.do("m1", "send-message", conversation_id=groups["m1"], body="z").error == "rate-limited"
+    assert w.do("bob", "send-message", conversation_id="global", body="hi").answer["type"] == "message-added"
+
+
+def test_queued_commands_are_never_cost_refused() -> None:
+    w = World()
+    w.now = 1_000_000
+    crowd(w, 200, online=True)
+    w.service.cost = CostBudget(rate=10, burst=10, total=10)
+    backlog = [
+        Inbound(
+            "alice",
+            "send-message",
+            orjson.dumps({"conversation_id": "global", "body": f"m{i}", "request_id": f"q{i}"}),
+            queued=True,
+        )
+        for i in range(20)
+    ]
+    batch = w.service.handle_batch(backlog)
+    answers = [d.payload for d in batch.deliveries if d.kind == "inbox" and d.key == "alice"]
+    assert [a.type for a in answers] == ["message-added"] * 20  # type: ignore[attr-defined]
+
+
+def test_presence_flapping_does_not_fan_out_to_everyone_at_its_own_pace() -> None:
+    """connect/disconnect 25 times a second with 1,000 users online: presence events to the others are
+    bounded by the flapper's budget, and every connect is still answered."""
+    w = World()
+    crowd(w, 1000, online=True)
+    w.service.cost = CostBudget(rate=500, burst=2000, total=100_000)
+    w.now = 1_000_000
+    fanned = answered = 0
+    for i in range(50):  # 2 s at 25 connect/disconnect pairs per second
+        w.now += 40
+        out = w.do("flapper", "connect", session_id=f"f{i}", request_id=f"c{i}")
+        answered += len([e for e in out.inbox("flapper") if e["request_id"] == f"c{i}"])
+        fanned += len(out.recipients("user-connected"))
+        out = w.do("flapper", "disconnect", session_id=f"f{i}", reason="lost")
+        fanned += len(out.recipients("user-disconnected"))
+    assert answered == 50  # every connect answered (connected or rate-limited)
+    # without a budget: 2 x 50 x 1,000 = 100,000 events; with it, the burst plus 2 s at 500/s, and one
+    # connect/disconnect pair of overshoot
+    assert fanned <= 2000 + 2 * 500 + 2 * 1001
