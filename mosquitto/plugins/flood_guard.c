@@ -18,7 +18,15 @@
  *   - `max_connections` open connections per account and `max_sessions` persistent sessions
  *     (clean session false) per account, counted until Mosquitto expires them
  *     (`session_expiry` seconds offline, set it to mosquitto.conf's persistent_client_expiration).
- *     Accounts named in `unlimited` (default `chat-bridge`) have no caps.
+ *     Accounts named in `unlimited` (default `chat-bridge`) have no caps;
+ *   - keepalive: MQTT 3.1.1 clients must ask for 1 to `max_keepalive` seconds (Mosquitto 2.0 itself
+ *     enforces max_keepalive on MQTT 5 clients only).
+ *
+ * On every message routed to a subscriber:
+ *   - an offline persistent session of a capped account is queued at most `offline_queue` messages;
+ *     more are dropped (and logged) until it reconnects: Mosquitto's max_queued_bytes is one figure
+ *     for every client, sized for the bridge's own backlog, far too much for thousands of users'
+ *     phones. The client catches up from the bridge's history (get-messages) when it returns.
  *   Clients without a username are left to Mosquitto's allow_anonymous.
  *
  * On every publish (the ACL check, before Mosquitto's acl_file):
@@ -47,6 +55,8 @@
  *   plugin_opt_unlimited chat-bridge            (comma-separated)
  *   plugin_opt_auth_failures 10
  *   plugin_opt_auth_refill 6
+ *   plugin_opt_max_keepalive 300                (MQTT 3.1.1: refuse keepalive 0 or above it)
+ *   plugin_opt_offline_queue 1000               (messages kept for one offline persistent session)
  *   plugin_opt_acl acl_file    topic rules beyond these are Mosquitto's acl_file (the default with
  *                              plugin_opt_password_file), or `none` (the default without it: for
  *                              anonymous development brokers that have no acl_file)
@@ -92,6 +102,8 @@ static long session_expiry = 604800;
 static char *unlimited;             /* ",name,name," */
 static double auth_failures = 10;
 static double auth_refill = 6;
+static long max_keepalive = 0;      /* 0: any */
+static long offline_queue = 0;      /* 0: no cap of the plugin's */
 static bool acl_defers = true;      /* false: allow what it does not refuse (no acl_file follows) */
 
 static int64_t now_ns(void)
@@ -408,6 +420,9 @@ struct session {
 	char *client_id;
 	int connected;                    /* open connections of this client id */
 	int64_t offline_since_ns;
+	long queued;                      /* messages routed to it while offline */
+	uint64_t dropped;
+	int64_t reported_ns;
 };
 
 struct conn;
@@ -606,6 +621,14 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	if(!client_id_allowed(ed->username, client_id)){
 		return refuse_user(u, client_id, address, "a client id must be the username or username:device");
 	}
+	if(max_keepalive > 0 && mosquitto_client_protocol_version(ed->client) != 5){
+		/* MQTT 5 clients are told the server's keepalive; 3.1.1 has no way to, and Mosquitto 2.0
+		 * would let keepalive 0 (never) stand: a frozen client would stay online forever. */
+		int keepalive = mosquitto_client_keepalive(ed->client);
+		if(keepalive == 0 || keepalive > max_keepalive){
+			return refuse_user(u, client_id, address, "keepalive must be 1 to max_keepalive seconds");
+		}
+	}
 	if(!is_unlimited(u->name)){
 		long s;
 		/* A connection that takes over its own client id replaces one: never refused for the cap. */
@@ -628,12 +651,15 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 				s = u->session_count++;
 				u->sessions[s].client_id = strdup(client_id);
 				u->sessions[s].connected = 0;
+				u->sessions[s].dropped = 0;
+				u->sessions[s].reported_ns = now - REPORT_EVERY_NS;
 				if(!u->sessions[s].client_id){
 					u->session_count--;
 					return MOSQ_ERR_NOMEM;
 				}
 			}
 			u->sessions[s].connected++;
+			u->sessions[s].queued = 0;
 		}else if(s >= 0 && !u->sessions[s].connected){
 			drop_session(u, s); /* a clean session replaces (deletes) the stored one */
 		}
@@ -702,6 +728,30 @@ static const char *command_user(const char *topic, size_t *len)
 	return user;
 }
 
+/* A message about to be queued for an offline persistent session of a capped account: at most
+ * `offline_queue` of them until it reconnects (it catches up from the bridge's history then). */
+static bool offline_queue_allows(struct mosquitto *client)
+{
+	const char *username = mosquitto_client_username(client);
+	const char *client_id = mosquitto_client_id(client);
+	struct user *u;
+	struct session *s;
+	long i;
+	if(!username || !client_id || is_unlimited(username)) return true;
+	u = find_user(username, false);
+	if(!u || (i = find_session(u, client_id)) < 0) return true;
+	s = &u->sessions[i];
+	if(s->connected) return true;
+	if(++s->queued <= offline_queue) return true;
+	s->dropped++;
+	if(report_due(&s->reported_ns, now_ns())){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				"chat guard: offline session %s of %s holds %ld messages: dropping more until it reconnects; "
+				"%llu dropped so far", client_id, username, offline_queue, (unsigned long long)s->dropped);
+	}
+	return false;
+}
+
 static int64_t retained_reported_ns = -REPORT_EVERY_NS;
 static uint64_t retained_refused;
 
@@ -720,6 +770,9 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 					mosquitto_client_username(ed->client), mosquitto_client_id(ed->client), ed->topic,
 					(unsigned long long)retained_refused);
 		}
+		return MOSQ_ERR_ACL_DENIED;
+	}
+	if(ed->access == MOSQ_ACL_READ && ed->qos > 0 && offline_queue > 0 && !offline_queue_allows(ed->client)){
 		return MOSQ_ERR_ACL_DENIED;
 	}
 	return acl_defers ? MOSQ_ERR_PLUGIN_DEFER : MOSQ_ERR_SUCCESS;
@@ -867,6 +920,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 		else if(!strcmp(k, "auth_failures")) auth_failures = atof(v);
 		else if(!strcmp(k, "auth_refill")) auth_refill = atof(v);
 		else if(!strcmp(k, "acl")) acl_opt = v;
+		else if(!strcmp(k, "max_keepalive")) max_keepalive = atol(v);
+		else if(!strcmp(k, "offline_queue")) offline_queue = atol(v);
 		else{
 			mosquitto_log_printf(MOSQ_LOG_ERR, "chat guard: unknown option plugin_opt_%s", k);
 			return MOSQ_ERR_INVAL;
@@ -896,9 +951,10 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
 			"chat guard: client ids bound to accounts; per account at most %ld connections and %ld persistent "
-			"sessions (expiring %ld s offline), except %s; no retained commands; %.0f commands/s per user, "
+			"sessions (expiring %ld s offline, queueing %ld messages), except %s; keepalive at most %ld s; "
+			"no retained commands; %.0f commands/s per user, "
 			"bursts of %.0f, on %s/users/+/commands/#; passwords %s; other topic rules %s",
-			max_connections, max_sessions, session_expiry, unlimited_opt, rate, burst, prefix,
+			max_connections, max_sessions, session_expiry, offline_queue, unlimited_opt, max_keepalive, rate, burst, prefix,
 			password_file ? password_file : "checked by Mosquitto",
 			acl_defers ? "from Mosquitto's acl_file" : "none (plugin_opt_acl none)");
 	if((rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, NULL))) return rc;

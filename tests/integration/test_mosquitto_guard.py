@@ -32,7 +32,7 @@ BRIDGE = f"chat-bridge:{ACCOUNTS['chat-bridge']}"
 
 
 @contextmanager
-def shipped(tmp_path: Path, **options: str) -> Iterator[Mosquitto]:
+def shipped(tmp_path: Path, extra: tuple[str, ...] = (), **options: str) -> Iterator[Mosquitto]:
     """Mosquitto from the shipped config on free ports; `options` override its lines (e.g. plugin_opt_*)."""
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
@@ -48,6 +48,7 @@ def shipped(tmp_path: Path, **options: str) -> Iterator[Mosquitto]:
             "persistence_location": f"{data}/",
             **options,
         },
+        extra,
     ).start()
     try:
         yield broker
@@ -67,6 +68,8 @@ class Raw:
         password: str | None = None,
         clean_session: bool = True,
         will: tuple[str, bytes, bool] | None = None,
+        keepalive: int = 30,
+        inflight: int = 20,
     ) -> None:
         self.got: list[paho.MQTTMessage] = []
         self.arrived = threading.Condition()
@@ -80,12 +83,13 @@ class Raw:
         )
         if username is not None:
             self.client.username_pw_set(username, ACCOUNTS.get(username) if password is None else password)
+        self.client.max_inflight_messages_set(inflight)
         if will:
             self.client.will_set(will[0], will[1], qos=1, retain=will[2])
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.set()
         self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
+        self.client.connect("127.0.0.1", port, keepalive=keepalive)
         self.client.loop_start()
         if not self.connected.wait(10):
             raise TimeoutError(f"{client_id}: no CONNACK")
@@ -364,3 +368,74 @@ def test_the_plugin_rereads_the_password_file_when_it_changes(tmp_path: Path) ->
         del entries["carol"]
         passwords.write(path, entries)
         assert not accepted(broker.port, "carol", "carol", password="carol-pw-2")
+
+
+def test_keepalive_must_be_bounded(tmp_path: Path) -> None:
+    with shipped(tmp_path) as broker:
+        assert not accepted(broker.port, "mallory", "mallory", keepalive=0)  # never: online forever
+        assert not accepted(broker.port, "mallory", "mallory", keepalive=301)
+        assert accepted(broker.port, "mallory", "mallory", keepalive=300)
+        assert accepted(broker.port, "mallory", "mallory", keepalive=1)
+
+
+def publish_many(client: paho.Client, topic: str, count: int, payload: Callable[[int], bytes]) -> None:
+    infos = [client.publish(topic, payload(i), qos=1) for i in range(count)]
+    for info in infos:
+        info.wait_for_publish(30)
+
+
+def test_the_bridges_queue_holds_a_long_outage(tmp_path: Path) -> None:
+    """12,000 commands while the bridge's session is offline: all of them wait for it (not 10,000)."""
+    with shipped(tmp_path, plugin_opt_rate="1000000", plugin_opt_burst="1000000") as broker:
+        port = broker.port
+        bridge = Raw(port, "chat-bridge", "chat-bridge", clean_session=False)
+        bridge.subscribe("chat/v1/users/+/commands/#")
+        bridge.close()
+        alice = Raw(port, "alice", "alice:flood", inflight=1000)
+        publish_many(
+            alice.client, "chat/v1/users/alice/commands/send-message", 12_000, lambda i: b'{"n":%d}' % i
+        )
+        alice.close()
+        bridge = Raw(port, "chat-bridge", "chat-bridge", clean_session=False)
+        bridge.wait_for(lambda m: m.payload == b'{"n":11999}', timeout=60)
+        assert [orjson.loads(m.payload)["n"] for m in bridge.got] == list(range(12_000))
+        bridge.close()
+        assert not any("being dropped" in line for line in broker.log)
+
+
+def test_drops_from_a_full_queue_are_logged_and_counted(tmp_path: Path) -> None:
+    with shipped(tmp_path, extra=("sys_interval 1",), max_queued_bytes="20000") as broker:
+        port = broker.port
+        bridge = Raw(port, "chat-bridge", "chat-bridge", clean_session=False)
+        bridge.subscribe("chat/v1/users/+/commands/#")
+        bridge.close()
+        alice = Raw(port, "alice", "alice:flood")
+        publish_many(alice.client, "chat/v1/users/alice/commands/send-message", 300, lambda i: b"x" * 200)
+        alice.close()
+        bridge = Raw(port, "chat-bridge", "chat-bridge", clean_session=False)
+        bridge.subscribe("$SYS/broker/publish/messages/dropped")
+        counted = bridge.wait_for(lambda m: m.topic.startswith("$SYS") and int(m.payload) > 0)
+        assert int(counted.payload) >= 300 - 20000 // 200 - 100  # (the in-flight window is not queued)
+        assert any(
+            "Outgoing messages are being dropped for client chat-bridge." in line for line in broker.log
+        )
+        bridge.close()
+
+
+def test_an_offline_users_session_is_queued_a_bounded_number_of_messages(tmp_path: Path) -> None:
+    with shipped(tmp_path, plugin_opt_offline_queue="5") as broker:
+        port = broker.port
+        phone = Raw(port, "bob", "bob:phone", clean_session=False)
+        phone.subscribe("chat/v1/users/bob/inbox")
+        phone.close()
+        bridge = Raw(port, "chat-bridge", "chat-bridge")
+        publish_many(bridge.client, "chat/v1/users/bob/inbox", 50, lambda i: b'{"n":%d}' % i)
+        phone = Raw(port, "bob", "bob:phone", clean_session=False)
+        phone.wait_for(lambda m: m.payload == b'{"n":4}')
+        # online again: everything new arrives (the last one proves what came before was routed)
+        bridge.client.publish("chat/v1/users/bob/inbox", b'{"n":"live"}', qos=1).wait_for_publish(10)
+        phone.wait_for(lambda m: m.payload == b'{"n":"live"}')
+        assert [orjson.loads(m.payload)["n"] for m in phone.got] == [0, 1, 2, 3, 4, "live"]
+        assert any("offline session bob:phone of bob holds 5 messages" in line for line in broker.log)
+        phone.close()
+        bridge.close()

@@ -114,8 +114,11 @@ def test_impersonation_has_no_effect(kind: str, request: pytest.FixtureRequest, 
         # mallory publishes to bob's command topics: as a message, as a group creation, as a disconnect
         mallory = paho.Client(CallbackAPIVersion.VERSION2, client_id="mallory:raw")
         mallory.username_pw_set("mallory", ACCOUNTS["mallory"])
+        connected = threading.Event()
+        mallory.on_connect = lambda *a: connected.set()
         mallory.connect("127.0.0.1", port)
         mallory.loop_start()
+        assert connected.wait(10)  # (a publish before the CONNACK would fail in paho)
         forged = [
             ("send-message", {"conversation_id": cid, "body": "send me your password", "request_id": "f1"}),
             ("send-message", {"conversation_id": "global", "body": "forged", "request_id": "f2"}),
