@@ -163,9 +163,18 @@ def read_password(args: argparse.Namespace) -> str:
             raise ConfigError("the passwords differ")
     else:
         password = sys.stdin.readline().rstrip("\n")
-    if not password:
-        raise ConfigError("an empty password is not allowed")
+    if len(password) < passwords.MIN_LENGTH:
+        raise ConfigError(f"a password needs at least {passwords.MIN_LENGTH} characters")
     return password
+
+
+def write_accounts(path: Path, entries: dict[str, str]) -> None:
+    try:
+        passwords.write(path, entries)
+    except PermissionError as exc:
+        raise ConfigError(
+            f"cannot rewrite {path} keeping its owner: run this as its owner or as root ({exc})"
+        ) from None
 
 
 def users_command(args: argparse.Namespace) -> int:
@@ -183,11 +192,15 @@ def users_command(args: argparse.Namespace) -> int:
     if args.action == "remove":
         if entries.pop(args.name, None) is None:
             raise ConfigError(f"no account {args.name!r} in {path}")
-        passwords.write(path, entries)
+        write_accounts(path, entries)
         print(f"removed {args.name} from {path}")
         return 0
+    if args.name not in entries:
+        clash = [name for name in entries if name.lower() == args.name.lower()]
+        if clash:
+            raise ConfigError(f"{args.name!r} differs from the account {clash[0]!r} only in case")
     entries[args.name] = passwords.hash_password(read_password(args))
-    passwords.write(path, entries)
+    write_accounts(path, entries)
     if args.name in SERVICE_ACCOUNTS:
         print(f"{args.name} saved in {path} (a service account: not registered as a chat user)")
         return 0

@@ -46,7 +46,9 @@ class Mosquitto:
         conf: Path = ROOT / "mosquitto" / "dev.conf",
         replace: dict[str, str] | None = None,
         extra: tuple[str, ...] = (),
+        cwd: Path | None = None,
     ) -> None:
+        self.cwd = cwd
         self.port = free_port()
         self.ws_port = free_port()
         replace = replace or {}
@@ -73,7 +75,9 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.conf)], stderr=subprocess.PIPE, text=True, cwd=self.cwd
+        )
         running = threading.Event()
 
         def read_log() -> None:  # keeps the pipe drained and tells us when it listens

@@ -439,3 +439,121 @@ def test_an_offline_users_session_is_queued_a_bounded_number_of_messages(tmp_pat
         assert any("offline session bob:phone of bob holds 5 messages" in line for line in broker.log)
         phone.close()
         bridge.close()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a listening TCP socket on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_the_websockets_listener_binds_only_its_address(tmp_path: Path) -> None:
+    with shipped(tmp_path) as broker:  # both listeners rewritten to 127.0.0.1 and free ports
+        loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+        assert listening_addresses(broker.port) and listening_addresses(broker.port) <= loopback
+        assert listening_addresses(broker.ws_port), "no websockets listener"
+        assert listening_addresses(broker.ws_port) <= loopback, listening_addresses(broker.ws_port)
+
+
+def test_a_tls_listener_as_documented(tmp_path: Path) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    from conftest import free_port
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    # a throwaway CA and a server certificate for 127.0.0.1 signed by it
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
+            "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "1", "-extfile", "san.ext", "-out", "server.crt")  # fmt: skip
+    tls_port = free_port()
+    tls = (
+        f"listener {tls_port} 127.0.0.1",
+        f"certfile {tmp_path / 'server.crt'}",
+        f"keyfile {tmp_path / 'server.key'}",
+        "tls_version tlsv1.2",
+    )
+    with shipped(tmp_path, extra=tls) as broker:
+        secure = paho.Client(CallbackAPIVersion.VERSION2, client_id="alice:tls")
+        secure.tls_set(ca_certs=str(tmp_path / "ca.crt"))
+        secure.username_pw_set("alice", ACCOUNTS["alice"])
+        got = threading.Event()
+        secure.on_connect = lambda _c, _u, _f, rc, _p: (
+            rc.is_failure or secure.subscribe("chat/v1/presence/+", 1)
+        )
+        secure.on_subscribe = lambda *a: secure.publish(
+            "chat/v1/users/alice/commands/get-active-users", b"{}", 1
+        )
+        secure.on_publish = lambda *a: got.set()
+        secure.connect("127.0.0.1", tls_port)
+        secure.loop_start()
+        assert got.wait(10)
+        secure.disconnect()
+        secure.loop_stop()
+        # the same rules apply on it, and nobody gets in without checking the certificate or in plain text
+        bad = paho.Client(CallbackAPIVersion.VERSION2, client_id="mallory:tls")
+        bad.tls_set(cert_reqs=ssl.CERT_REQUIRED)  # the system CAs do not know the throwaway CA
+        with pytest.raises(ssl.SSLError):
+            bad.connect("127.0.0.1", tls_port)
+        assert not accepted(tls_port, "alice", "alice")  # plain MQTT on the TLS port: no CONNACK
+        assert any(f"Opening ipv4 listen socket on port {tls_port}" in line for line in broker.log)
+
+
+def test_the_persistence_directory_ships_and_a_restart_keeps_retained_and_queued(tmp_path: Path) -> None:
+    """Mosquitto from a copy of the repository's mosquitto/ as a clone has it, with the shipped
+    relative paths: retained presence and the bridge's queued commands survive a restart."""
+    import shutil
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "mosquitto"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "mosquitto/data/.gitignore" in tracked
+    for name in tracked:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copy(flood_guard(), tmp_path / "mosquitto/plugins/chat_flood_guard.so")
+    write_accounts(tmp_path / "mosquitto/passwd")
+    broker = Mosquitto(tmp_path, tmp_path / "mosquitto/mosquitto.conf", cwd=tmp_path).start()
+    try:
+        bridge = Raw(broker.port, "chat-bridge", "chat-bridge", clean_session=False)
+        bridge.subscribe("chat/v1/users/+/commands/#")
+        bridge.client.publish(
+            "chat/v1/presence/alice", b'{"status":"online"}', qos=1, retain=True
+        ).wait_for_publish(10)
+        bridge.close()
+        alice = Raw(broker.port, "alice", "alice")
+        for i in range(3):
+            alice.client.publish(
+                "chat/v1/users/alice/commands/get-active-users", b'{"n":%d}' % i, qos=1
+            ).wait_for_publish(10)
+        alice.close()
+    finally:
+        broker.stop()
+    assert (tmp_path / "mosquitto/data/mosquitto.db").exists()
+    broker.start()
+    try:
+        bridge = Raw(broker.port, "chat-bridge", "chat-bridge", clean_session=False)
+        bridge.wait_for(lambda m: m.payload == b'{"n":2}')
+        assert [m.payload for m in bridge.got] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+        bridge.subscribe("chat/v1/presence/+")
+        assert bridge.wait_for(lambda m: m.topic == "chat/v1/presence/alice").retain
+        bridge.close()
+    finally:
+        broker.stop()
