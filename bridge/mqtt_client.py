@@ -425,7 +425,8 @@ class Client:
             future.set_exception(self.publish_invalid(str(exc)))
             return future
         size = len(raw_topic) + len(payload) + (4 if qos else 2)
-        size += len(codec.remaining_length(size)) + 1 if size <= codec.MAX_REMAINING_LENGTH else 5
+        # + the fixed header: one byte and the remaining length's one to four
+        size += 2 if size < 128 else 3 if size < 16_384 else 4 if size < 2_097_152 else 5
         if size > self.max_packet_size:
             future.set_exception(
                 self.publish_too_large(

@@ -63,6 +63,8 @@ CONNACK_REASONS = {
 }
 
 _H = struct.Struct("!H")
+_BBH = struct.Struct("!BBH")
+_BBBH = struct.Struct("!BBBH")
 _PUBACK = bytes([PUBACK << 4, 2])
 PINGREQ_PACKET = bytes([PINGREQ << 4, 0])
 PINGRESP_PACKET = bytes([PINGRESP << 4, 0])
@@ -247,13 +249,17 @@ def encode_publish(
 ) -> bytes:
     """A PUBLISH from an already encoded topic name (the caller validated it: see `topic_bytes`)."""
     first = 0x30 | qos << 1 | (1 if retain else 0) | (8 if dup else 0)
-    if qos:
-        n = len(topic) + len(payload) + 4
-        head = bytes((first,)) + remaining_length(n) + _H.pack(len(topic)) + topic + _H.pack(packet_id)
+    tlen = len(topic)
+    n = tlen + len(payload) + (4 if qos else 2)
+    if n < 128:
+        head = _BBH.pack(first, n, tlen)
+    elif n < 16_384:
+        head = _BBBH.pack(first, n & 0x7F | 0x80, n >> 7, tlen)
     else:
-        n = len(topic) + len(payload) + 2
-        head = bytes((first,)) + remaining_length(n) + _H.pack(len(topic)) + topic
-    return head + payload
+        head = bytes((first,)) + remaining_length(n) + _H.pack(tlen)
+    if qos:
+        return b"".join((head, topic, _H.pack(packet_id), payload))
+    return b"".join((head, topic, payload))
 
 
 def topic_bytes(topic: str) -> bytes:
@@ -379,6 +385,13 @@ class Decoder:
         allowed = _SERVER_SENDS if self.from_server else _CLIENT_SENDS
         while pos < end:
             first = buf[pos]
+            if first == 0x40 and end - pos >= 4 and buf[pos + 1] == 2:  # PUBACK: the hot path
+                pid = buf[pos + 2] << 8 | buf[pos + 3]
+                if not pid:
+                    raise MalformedPacket("PUBACK has packet identifier 0")
+                out.append(Puback(pid))
+                pos += 4
+                continue
             kind = first >> 4
             if kind not in allowed:
                 side = "a server" if self.from_server else "a client"
@@ -413,7 +426,10 @@ class Decoder:
                 break
             start = pos + header
             pos = start + length
-            out.append(self._decode(kind, first & 0x0F, bytes(buf[start:pos])))
+            if kind == PUBLISH:
+                out.append(_publish_at(buf, first & 0x0F, start, pos))
+            else:
+                out.append(self._decode(kind, first & 0x0F, bytes(buf[start:pos])))
         if pos:
             del buf[:pos]
         return out
@@ -462,6 +478,11 @@ class Decoder:
 
 
 def _decode_publish(flags: int, body: bytes) -> Publish:
+    return _publish_at(body, flags, 0, len(body))
+
+
+def _publish_at(buf: bytes | bytearray, flags: int, start: int, end: int) -> Publish:
+    """The PUBLISH whose variable header and payload are buf[start:end] (no copy of the body)."""
     qos = (flags >> 1) & 3
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")
@@ -470,20 +491,26 @@ def _decode_publish(flags: int, body: bytes) -> Publish:
     dup = bool(flags & 8)
     if dup and not qos:
         raise MalformedPacket("a QoS 0 PUBLISH must not have the DUP flag")
-    if len(body) < 2:
+    if end - start < 2:
         raise MalformedPacket("PUBLISH is too short for its topic name")
-    tlen = _H.unpack_from(body, 0)[0]
-    at = 2 + tlen
-    if len(body) < at:
+    at = start + 2 + (buf[start] << 8 | buf[start + 1])
+    if at > end:
         raise MalformedPacket("PUBLISH topic name runs past the end of the packet")
-    topic = _utf8(body[2:at], "the PUBLISH topic name")
-    if not topic or "+" in topic or "#" in topic:
+    try:
+        topic = buf[start + 2 : at].decode()
+    except UnicodeDecodeError:
+        raise MalformedPacket("the PUBLISH topic name is not valid UTF-8") from None
+    if not topic or "+" in topic or "#" in topic or "\0" in topic:
         raise MalformedPacket(f"invalid PUBLISH topic name {topic!r}")
     pid = 0
     if qos:
-        pid = _packet_id(body, at, PUBLISH)
+        if end - at < 2:
+            raise MalformedPacket("PUBLISH is too short for its packet identifier")
+        pid = buf[at] << 8 | buf[at + 1]
+        if not pid:
+            raise MalformedPacket("PUBLISH has packet identifier 0")
         at += 2
-    return Publish(topic, body[at:], qos, bool(flags & 1), dup, pid)
+    return Publish(topic, bytes(buf[at:end]), qos, bool(flags & 1), dup, pid)
 
 
 class _Reader:
