@@ -356,3 +356,92 @@ def test_username_password_and_refusal(secure_mosquitto: Any) -> None:
         assert refused.value.code in (4, 5)
 
     run(scenario())
+
+
+def _certificates(workdir: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl command."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (needed to make test certificates)")
+    ca_key, ca, key, csr, cert = (workdir / n for n in ("ca.key", "ca.pem", "s.key", "s.csr", "s.pem"))
+    ext = workdir / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for cmd in (
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+        ],
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(cert),
+        ],
+    ):
+        subprocess.run(["openssl", *cmd], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def test_tls_with_a_verified_server_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from conftest import free_port
+
+    ca, cert, key = _certificates(tmp_path)
+    tls_port = free_port()
+    extra = (f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}")
+    with broker("mosquitto", tmp_path, mosquitto_extra=extra):
+
+        async def scenario() -> None:
+            context = ssl.create_default_context(cafile=str(ca))
+            inbox = Inbox()
+            c = Client("127.0.0.1", tls_port, client_id="tls", ssl=context, on_message=inbox)
+            inbox.auto_ack = c
+            await c.connect()
+            await c.subscribe([("tls/t", 1)])
+            await c.publish("tls/t", b"over tls")
+            assert (await inbox.wait(1))[0].payload == b"over tls"
+            assert c._conn is not None and c._conn.transport is not None
+            assert c._conn.transport.get_extra_info("ssl_object") is not None
+            await c.stop()
+            untrusted = Client("127.0.0.1", tls_port, client_id="tls2", ssl=ssl.create_default_context())
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await untrusted.connect()
+
+        run(scenario())
