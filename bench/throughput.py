@@ -297,7 +297,9 @@ def main() -> None:
     database_url = args.database_url or f"sqlite:///{workdir}/bench.sqlite3"
     broker = None
     library = args.client or "mqttc"
-    options = ("--rate-limit", "0") + (("--mqtt-client", args.client) if args.client else ())
+    # no HTTP server: its default port may be taken by another bridge on the machine
+    options = ("--rate-limit", "0", "--http-listen", "off")
+    options += ("--mqtt-client", args.client) if args.client else ()
     if args.embedded:
         bridge, port = start_embedded(database_url, *options)
     else:
