@@ -21,6 +21,8 @@ from .limits import (
 )
 from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, Store, User, direct_key, paged
 
+PREVIEW_CHARS = 100  # of a notification: the body's first 100 code points
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -28,12 +30,16 @@ class Delivery:
 
     `inbox` goes to `{prefix}/users/{key}/inbox`, `conversation` to
     `{prefix}/conversations/{key}/events`, `presence` (retained) to
-    `{prefix}/presence/{key}`.
+    `{prefix}/presence/{key}`, `notification` to `{prefix}/notifications/{key}`.
+
+    `qos` 0 marks an ephemeral delivery (typing): published at QoS 0, never stored in the outbox,
+    never published again.
     """
 
-    kind: Literal["inbox", "conversation", "presence"]
+    kind: Literal["inbox", "conversation", "presence", "notification"]
     key: str
     payload: p.WireModel
+    qos: Literal[0, 1] = 1
 
 
 @dataclass
@@ -130,6 +136,10 @@ def message_out(m: Message) -> p.MessageOut:
         body=m.body,
         client_msg_id=m.client_msg_id,
         created_at=p.iso_ms(m.created_ms),
+        edited_at=None if m.edited_ms is None else p.iso_ms(m.edited_ms),
+        deleted_at=None if m.deleted_ms is None else p.iso_ms(m.deleted_ms),
+        reactions={emoji: list(users) for emoji, users in m.reactions},
+        rev=m.rev,
     )
 
 
@@ -156,7 +166,9 @@ def audience(store: Store, conv: Conversation) -> list[str]:
     return members(store, conv)
 
 
-def conversation_out(store: Store, conv: Conversation) -> p.ConversationOut:
+def conversation_out(store: Store, conv: Conversation, read_seq: int = 0) -> p.ConversationOut:
+    """The conversation as sent to the user whose marker is `read_seq` (0: not addressed to one user)."""
+    read_seq = min(read_seq, conv.last_seq)
     return p.ConversationOut(
         conversation_id=conv.conversation_id,
         kind=conv.kind,
@@ -167,6 +179,9 @@ def conversation_out(store: Store, conv: Conversation) -> p.ConversationOut:
         parent_message_id=conv.parent_message_id,
         created_at=p.iso_ms(conv.created_ms),
         last_seq=conv.last_seq,
+        read_seq=read_seq,
+        unread=conv.last_seq - read_seq,
+        last_rev=conv.last_rev,
     )
 
 
@@ -302,9 +317,8 @@ def create_conversation(cmd: p.CreateConversation, ctx: Context) -> None:
         key = direct_key(ctx.sender, other)
         existing = store.find_direct(key)
         if existing is not None:
-            ctx.answer(
-                p.ConversationCreated, p.ConversationData(conversation=conversation_out(store, existing))
-            )
+            mine = conversation_out(store, existing, store.read_seq(existing.conversation_id, ctx.sender))
+            ctx.answer(p.ConversationCreated, p.ConversationData(conversation=mine))
             return
         check_room(store, [other])
         conv = Conversation(ctx.new_id("c"), "direct", cmd.title, None, None, None, ctx.now_ms)
@@ -371,6 +385,8 @@ def leave(cmd: p.Leave, ctx: Context) -> None:
         remove(ctx, conv)
         return
     ctx.store.remove_participant(conv.conversation_id, ctx.sender)
+    threads = [t.conversation_id for t in ctx.store.threads_of(conv.conversation_id)]
+    ctx.store.forget_read_markers([conv.conversation_id, *threads], ctx.sender)  # a re-invite starts at 0
     data = p.ParticipantLeftData(conversation_id=conv.conversation_id, user_id=ctx.sender)
     ctx.answer(p.ParticipantLeft, data)
     ctx.notify(p.ParticipantLeft, data, ctx.store.participant_ids(conv.conversation_id), conv.conversation_id)
@@ -396,13 +412,39 @@ def post(
         if original is not None:
             ctx.answer(p.MessageAdded, p.MessageData(message=message_out(original)))
             return
-    seq = store.next_seq(conv.conversation_id)
-    message = Message(ctx.new_id("m"), conv.conversation_id, seq, ctx.sender, body, client_msg_id, ctx.now_ms)
+    seq, rev = store.next_position(conv.conversation_id)
+    message = Message(
+        ctx.new_id("m"), conv.conversation_id, seq, ctx.sender, body, client_msg_id, ctx.now_ms, rev
+    )
     store.add_message(message)
+    store.set_read_seq(conv.conversation_id, ctx.sender, seq)  # one's own message is read
     data = p.MessageData(message=message_out(message))
     ctx.answer(p.MessageAdded, data)
     others = [u for u in (everyone if everyone is not None else audience(store, conv)) if u != ctx.sender]
     ctx.notify(p.MessageAdded, data, others, conv.conversation_id)
+    if owner_of_membership(conv) != GLOBAL_ID:
+        notify_offline(ctx, message, others)
+
+
+def notify_offline(ctx: Context, message: Message, recipients: Sequence[str]) -> None:
+    """A notification for each recipient without an active session (for a push gateway)."""
+    offline = ctx.store.without_active_session(recipients)
+    if not offline:
+        return
+    data_of = {
+        u: p.NotificationData(
+            user_id=u,
+            conversation_id=message.conversation_id,
+            message_id=message.message_id,
+            sender_id=message.sender_id,
+            preview=message.body[:PREVIEW_CHARS],
+        )
+        for u in offline
+    }
+    event_id = ctx.last_answer.event_id if ctx.last_answer is not None else ctx.new_id("v")
+    for u, data in data_of.items():
+        note = p.Notification.model_construct(event_id=f"{event_id}.{u}", ts=ctx.ts, data=data)
+        ctx.out.append(Delivery("notification", u, note))
 
 
 def send_message(cmd: p.SendMessage, ctx: Context) -> None:
@@ -418,7 +460,7 @@ def reply(cmd: p.Reply, ctx: Context) -> None:
     store = ctx.store
     root = store.get_message(cmd.message_id)
     conv = store.get_conversation(root.conversation_id) if root else None
-    if root is None or conv is None or not is_member(store, conv, ctx.sender):
+    if root is None or root.deleted or conv is None or not is_member(store, conv, ctx.sender):
         raise NotFound(f"message {cmd.message_id} not found")
     if conv.kind == "thread":
         thread = conv  # threads do not nest: a reply to a reply joins the same thread
@@ -438,9 +480,11 @@ def reply(cmd: p.Reply, ctx: Context) -> None:
 
 def get_messages(cmd: p.GetMessages, ctx: Context) -> None:
     conv = visible_conversation(ctx, cmd.conversation_id)
-    if (cmd.since_seq is None) == (cmd.since is None):
-        raise BadRequest("give exactly one of since_seq and since")
-    if cmd.since_seq is not None:
+    if [cmd.since_seq, cmd.since, cmd.since_rev].count(None) != 2:
+        raise BadRequest("give exactly one of since_seq, since and since_rev")
+    if cmd.since_rev is not None:
+        rows = ctx.store.messages_after_rev(conv.conversation_id, cmd.since_rev, cmd.limit + 1)
+    elif cmd.since_seq is not None:
         rows = ctx.store.messages_after_seq(conv.conversation_id, cmd.since_seq, cmd.limit + 1)
     else:
         assert cmd.since is not None
@@ -502,7 +546,10 @@ def conversation_page(
             raise BadRequest("after: not a cursor from a conversations page")
         key = (int(match.group(1)), match.group(2))
         convs = [c for c in convs if conversation_key(c) > key]
-    return page_of(convs, lambda c: conversation_out(store, c), budget, limit)
+    markers = store.read_markers(ctx.sender)
+    return page_of(
+        convs, lambda c: conversation_out(store, c, markers.get(c.conversation_id, 0)), budget, limit
+    )
 
 
 def user_page(

@@ -7,7 +7,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, OutboxEntry, Store, User
+from .model import (
+    GLOBAL_ID,
+    ChatSession,
+    Conflict,
+    Conversation,
+    Message,
+    OutboxEntry,
+    Store,
+    User,
+    words,
+)
 
 
 @dataclass
@@ -22,6 +32,7 @@ class _State:
     message_index: dict[str, Message] = field(default_factory=dict)
     client_ids: dict[tuple[str, str, str], Message] = field(default_factory=dict)
     outbox: list[OutboxEntry] = field(default_factory=list)
+    read_markers: dict[tuple[str, str], int] = field(default_factory=dict)  # (conversation, user) -> seq
 
 
 class MemoryStore:
@@ -74,6 +85,10 @@ class MemoryStore:
 
     def active_sessions_outside_epoch(self, epoch: str) -> list[ChatSession]:
         return [s for s in self._s.sessions.values() if s.active and s.epoch != epoch]
+
+    def without_active_session(self, user_ids: Sequence[str]) -> list[str]:
+        active = {s.user_id for s in self._s.sessions.values() if s.active}
+        return [u for u in user_ids if u not in active]
 
     # conversations
     def get_conversation(self, conversation_id: str) -> Conversation | None:
@@ -147,15 +162,23 @@ class MemoryStore:
             s.message_index.pop(m.message_id, None)
             if m.client_msg_id is not None:
                 s.client_ids.pop((conversation_id, m.sender_id, m.client_msg_id), None)
+        s.read_markers = {k: v for k, v in s.read_markers.items() if k[0] != conversation_id}
         s.direct_keys = {k: v for k, v in s.direct_keys.items() if v != conversation_id}
         if conv.parent_message_id is not None:
             s.threads.pop(conv.parent_message_id, None)
 
     # messages
-    def next_seq(self, conversation_id: str) -> int:
+    def next_position(self, conversation_id: str) -> tuple[int, int]:
         conv = self._s.conversations[conversation_id]
-        self._s.conversations[conversation_id] = replace(conv, last_seq=conv.last_seq + 1)
-        return conv.last_seq + 1
+        self._s.conversations[conversation_id] = replace(
+            conv, last_seq=conv.last_seq + 1, last_rev=conv.last_rev + 1
+        )
+        return conv.last_seq + 1, conv.last_rev + 1
+
+    def next_rev(self, conversation_id: str) -> int:
+        conv = self._s.conversations[conversation_id]
+        self._s.conversations[conversation_id] = replace(conv, last_rev=conv.last_rev + 1)
+        return conv.last_rev + 1
 
     def add_message(self, message: Message) -> None:
         s = self._s
@@ -166,6 +189,17 @@ class MemoryStore:
             s.client_ids[key] = message
         s.messages[message.conversation_id].append(message)
         s.message_index[message.message_id] = message
+
+    def update_message(self, message: Message, expected_rev: int) -> None:
+        s = self._s
+        stored = s.message_index[message.message_id]
+        if stored.rev != expected_rev:
+            raise Conflict(f"message {message.message_id} changed")
+        rows = s.messages[message.conversation_id]
+        rows[rows.index(stored)] = message
+        s.message_index[message.message_id] = message
+        if message.client_msg_id is not None:
+            s.client_ids[(message.conversation_id, message.sender_id, message.client_msg_id)] = message
 
     def get_message(self, message_id: str) -> Message | None:
         return self._s.message_index.get(message_id)
@@ -187,6 +221,46 @@ class MemoryStore:
             rows = [m for m in rows if m.seq < before_seq]
         return list(reversed(rows[-limit:])) if limit else []
 
+    def messages_after_rev(self, conversation_id: str, after_rev: int, limit: int) -> list[Message]:
+        rows = sorted(
+            (m for m in self._s.messages.get(conversation_id, []) if m.rev > after_rev), key=lambda m: m.rev
+        )
+        return rows[:limit]
+
+    def search(
+        self,
+        conversation_ids: Sequence[str],
+        query_words: Sequence[str],
+        before: Message | None,
+        limit: int,
+    ) -> list[Message]:
+        wanted = set(query_words)
+        found = [
+            m
+            for cid in set(conversation_ids)
+            for m in self._s.messages.get(cid, [])
+            if not m.deleted
+            and wanted <= set(words(m.body))
+            and (before is None or (m.created_ms, m.message_id) < (before.created_ms, before.message_id))
+        ]
+        found.sort(key=lambda m: (m.created_ms, m.message_id), reverse=True)
+        return found[:limit]
+
+    # read markers
+    def read_seq(self, conversation_id: str, user_id: str) -> int:
+        return self._s.read_markers.get((conversation_id, user_id), 0)
+
+    def read_markers(self, user_id: str) -> dict[str, int]:
+        return {cid: seq for (cid, uid), seq in self._s.read_markers.items() if uid == user_id}
+
+    def set_read_seq(self, conversation_id: str, user_id: str, seq: int) -> None:
+        key = (conversation_id, user_id)
+        self._s.read_markers[key] = max(seq, self._s.read_markers.get(key, 0))
+
+    def forget_read_markers(self, conversation_ids: Sequence[str], user_id: str) -> None:
+        for cid in conversation_ids:
+            self._s.read_markers.pop((cid, user_id), None)
+
     # the transactional outbox
     def add_outbox(self, entries: Sequence[OutboxEntry]) -> None:
         self._s.outbox.extend(entries)
@@ -204,8 +278,16 @@ class MemoryUnitOfWork:
 
     def __init__(self, store: MemoryStore | None = None) -> None:
         self.store = store or MemoryStore()
+        self.transactions = 0  # for tests that check a command needed none
+        self.reads = 0
 
     @contextmanager
     def transaction(self) -> Iterator[Store]:
+        self.transactions += 1
         with self.store.atomic():
             yield self.store
+
+    @contextmanager
+    def reading(self) -> Iterator[Store]:
+        self.reads += 1
+        yield self.store

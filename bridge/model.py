@@ -6,6 +6,8 @@ the epoch; they know nothing of JSON, MQTT or SQL.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -13,6 +15,8 @@ from typing import Literal, Protocol
 
 GLOBAL_ID = "global"
 Kind = Literal["global", "direct", "group", "thread"]
+# emoji -> user ids in the order they reacted; emoji in the order they first appeared
+Reactions = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,7 @@ class Conversation:
     parent_message_id: str | None
     created_ms: int
     last_seq: int = 0
+    last_rev: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,43 @@ class Message:
     body: str
     client_msg_id: str | None
     created_ms: int
+    rev: int = 0
+    edited_ms: int | None = None
+    deleted_ms: int | None = None
+    reactions: Reactions = ()
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_ms is not None
+
+
+def react(reactions: Reactions, emoji: str, user_id: str, on: bool) -> Reactions | None:
+    """The reactions with the user's `emoji` added (at the end of its list) or removed; None when
+    that changes nothing."""
+    found = dict(reactions)
+    users = found.get(emoji, ())
+    if on == (user_id in users):
+        return None
+    if on:
+        found[emoji] = (*users, user_id)
+    else:
+        rest = tuple(u for u in users if u != user_id)
+        if rest:
+            found[emoji] = rest
+        else:
+            del found[emoji]
+    return tuple(found.items())
+
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def words(text: str) -> list[str]:
+    """The words search matches on: runs of letters and digits, NFKC-normalized and case-folded.
+
+    Both databases index the words joined by spaces, so they agree with each other and with the
+    in-memory store on what a whole word is."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +117,7 @@ class OutboxEntry:
     payload: bytes
     retain: bool
     batch: str = ""
+    qos: int = 1  # 0: ephemeral (typing), published once and never stored
 
 
 class Conflict(Exception):
@@ -103,6 +146,9 @@ class Store(Protocol):
     def has_active_session(self, user_id: str) -> bool: ...
     def active_user_ids(self) -> list[str]: ...
     def active_sessions_outside_epoch(self, epoch: str) -> list[ChatSession]: ...
+    def without_active_session(self, user_ids: Sequence[str]) -> list[str]:
+        """Those of the users who have no active session, in the given order."""
+        ...
 
     # conversations
     def get_conversation(self, conversation_id: str) -> Conversation | None: ...
@@ -133,11 +179,20 @@ class Store(Protocol):
         ...
 
     # messages
-    def next_seq(self, conversation_id: str) -> int:
-        """Increments the conversation's last_seq and returns the new value."""
+    def next_position(self, conversation_id: str) -> tuple[int, int]:
+        """Increments the conversation's last_seq and last_rev; returns the new (seq, rev)."""
+        ...
+
+    def next_rev(self, conversation_id: str) -> int:
+        """Increments the conversation's last_rev and returns the new value."""
         ...
 
     def add_message(self, message: Message) -> None: ...
+    def update_message(self, message: Message, expected_rev: int) -> None:
+        """Stores the message's new body, times, reactions and rev (and keeps search in step with
+        them); raises `Conflict` when its stored rev is no longer `expected_rev`."""
+        ...
+
     def get_message(self, message_id: str) -> Message | None: ...
     def find_by_client_msg_id(
         self, conversation_id: str, sender_id: str, client_msg_id: str
@@ -154,6 +209,33 @@ class Store(Protocol):
         """The newest `limit` messages with seq < before_seq (all when None), descending."""
         ...
 
+    def messages_after_rev(self, conversation_id: str, after_rev: int, limit: int) -> list[Message]:
+        """Ascending by rev, rev > after_rev, at most `limit`."""
+        ...
+
+    def search(
+        self,
+        conversation_ids: Sequence[str],
+        query_words: Sequence[str],
+        before: Message | None,
+        limit: int,
+    ) -> list[Message]:
+        """Messages not deleted, in these conversations, whose words include every query word;
+        newest (created_ms, then message_id) first, older than `before` when given; at most `limit`."""
+        ...
+
+    # read markers
+    def read_seq(self, conversation_id: str, user_id: str) -> int: ...
+    def read_markers(self, user_id: str) -> dict[str, int]:
+        """The user's markers by conversation id (conversations without one are absent)."""
+        ...
+
+    def set_read_seq(self, conversation_id: str, user_id: str, seq: int) -> None:
+        """Moves the marker to `seq` if that is forward; never back."""
+        ...
+
+    def forget_read_markers(self, conversation_ids: Sequence[str], user_id: str) -> None: ...
+
     # the transactional outbox
     def add_outbox(self, entries: Sequence[OutboxEntry]) -> None: ...
     def forget_outbox(self, batches: Sequence[str]) -> None:
@@ -169,6 +251,9 @@ class UnitOfWork(Protocol):
     """Opens a transaction and yields a Store bound to it; commits when the block ends cleanly."""
 
     def transaction(self) -> AbstractContextManager[Store]: ...
+    def reading(self) -> AbstractContextManager[Store]:
+        """A Store for reads only (nothing written is kept): no write lock, nothing to commit."""
+        ...
 
 
 def paged(rows: Sequence[Message], limit: int) -> tuple[list[Message], bool]:

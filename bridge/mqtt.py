@@ -373,6 +373,8 @@ class MqttBridge:
             for kind, n in counts.items():
                 self.metrics.events_published.labels(kind).inc(n)
         flight.complete = True
+        for e in batch.ephemeral:  # QoS 0, never stored: nothing to wait for or to publish again
+            self.client.publish(self.topics.of(e.kind, e.key), e.payload, qos=0, retain=False)
 
     def _wait_for_window(self) -> None:
         while self._outstanding >= self.publish_window and not self._stopping.is_set():

@@ -465,6 +465,9 @@ class Pipeline:
     # --- publishing --------------------------------------------------------------
 
     def _send(self, batch: Batch) -> None:
+        if batch.ephemeral and self._connected:
+            for e in batch.ephemeral:  # QoS 0, never stored: sent once if connected, never tracked
+                self._fire(Event(self.topics.of(e.kind, e.key), e.payload, qos=0))
         if not batch.entries:
             return
         flight = _Flight(batch.id, len(batch.entries))

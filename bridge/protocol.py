@@ -26,6 +26,9 @@ ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Body = Annotated[str, StringConstraints(min_length=1, max_length=8000)]
 DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 Title = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# (1.1) 1-16 code points with no whitespace or control characters (checked by the handler)
+Emoji = Annotated[str, StringConstraints(min_length=1, max_length=16)]
+SearchQuery = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
 Timestamp = Annotated[
     str, Field(description="ISO 8601 in UTC with milliseconds, e.g. 2026-11-24T10:00:00.123Z")
@@ -112,12 +115,15 @@ class Reply(Command):
 
 
 class GetMessages(Command):
-    """Exactly one of `since_seq` and `since` is required (checked by the handler)."""
+    """Exactly one of `since_seq`, `since` and `since_rev` is required (checked by the handler)."""
 
     name = "get-messages"
     conversation_id: ObjectId
     since_seq: Seq | None = None
     since: datetime | None = None
+    since_rev: Seq | None = Field(
+        default=None, description="(1.1) messages new or changed after this rev, in ascending rev"
+    )
     limit: Annotated[int, Field(ge=1, le=500)] = 100
 
 
@@ -153,6 +159,63 @@ class GetActiveUsers(Command):
     limit: PageLimit = MAX_PAGE
 
 
+# --- commands added in 1.1 ---------------------------------------------------------
+
+
+class MarkRead(Command):
+    """Moves the sender's read marker forward; a seq above last_seq is taken as last_seq."""
+
+    name = "mark-read"
+    conversation_id: ObjectId
+    seq: Seq
+
+
+class Typing(Command):
+    """Ephemeral: relayed at QoS 0 to the other participants, never stored, unanswered when it succeeds."""
+
+    name = "typing"
+    conversation_id: ObjectId
+    typing: bool
+
+
+class EditMessage(Command):
+    """Only the sender may edit; a deleted message is not-found."""
+
+    name = "edit-message"
+    message_id: ObjectId
+    body: Body
+
+
+class DeleteMessage(Command):
+    """The sender, or the owner of a group (and of its threads), leaves a tombstone."""
+
+    name = "delete-message"
+    message_id: ObjectId
+
+
+class React(Command):
+    """Adds (`on` true) or removes the sender's reaction; asking for the current state changes nothing."""
+
+    name = "react"
+    message_id: ObjectId
+    emoji: Emoji
+    on: bool = True
+
+
+class SearchMessages(Command):
+    """Messages containing every word of the query, newest first, in the sender's conversations."""
+
+    name = "search-messages"
+    query: SearchQuery
+    conversation_id: ObjectId | None = None
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    before_message_id: ObjectId | None = Field(
+        default=None,
+        description="(extension) the next page: only results older than this one (the last result of "
+        "the previous page)",
+    )
+
+
 COMMANDS: dict[str, type[Command]] = {
     cls.name: cls
     for cls in (
@@ -169,6 +232,12 @@ COMMANDS: dict[str, type[Command]] = {
         GetConversations,
         GetParticipants,
         GetActiveUsers,
+        MarkRead,
+        Typing,
+        EditMessage,
+        DeleteMessage,
+        React,
+        SearchMessages,
     )
 }
 
@@ -196,6 +265,11 @@ class ConversationOut(WireModel):
     parent_message_id: str | None
     created_at: Timestamp
     last_seq: int
+    read_seq: int = Field(
+        description="(1.1) the addressed user's read marker, 0 when none (and on the conversation topic)"
+    )
+    unread: int = Field(description="(1.1) last_seq - read_seq for the addressed user")
+    last_rev: int = Field(description="(1.1) the highest rev in the conversation; 0 when empty")
 
 
 class MessageOut(WireModel):
@@ -203,9 +277,16 @@ class MessageOut(WireModel):
     conversation_id: str
     seq: int
     sender_id: str
-    body: str
+    body: str = Field(description='"" once deleted')
     client_msg_id: str | None
     created_at: Timestamp
+    edited_at: Timestamp | None = Field(description="(1.1) the last edit, null if never")
+    deleted_at: Timestamp | None = Field(description="(1.1) set on a tombstone")
+    reactions: dict[str, list[str]] = Field(
+        description="(1.1) emoji -> user ids in the order they reacted; emoji in the order they first "
+        "appeared; {} when none",
+    )
+    rev: int = Field(description="(1.1) the conversation's rev at this message's last change")
 
 
 # --- events -------------------------------------------------------------------
@@ -362,6 +443,65 @@ class ActiveUsers(Event):
     data: ActiveUsersData
 
 
+class ReadMarkerData(WireModel):
+    conversation_id: str
+    user_id: str
+    read_seq: int
+
+
+class ReadMarker(Event):
+    type: Literal["read-marker"] = "read-marker"
+    data: ReadMarkerData
+
+
+class TypingData(WireModel):
+    conversation_id: str
+    user_id: str
+    typing: bool
+
+
+class TypingEvent(Event):
+    """Published at QoS 0 and never stored; shown until `typing: false` or 10 s without `typing: true`."""
+
+    type: Literal["typing"] = "typing"
+    data: TypingData
+
+
+class MessageEdited(Event):
+    type: Literal["message-edited"] = "message-edited"
+    data: MessageData
+
+
+class MessageDeleted(Event):
+    type: Literal["message-deleted"] = "message-deleted"
+    data: MessageData
+
+
+class ReactionChangedData(WireModel):
+    conversation_id: str
+    message_id: str
+    emoji: str
+    user_id: str
+    on: bool
+    message: MessageOut
+
+
+class ReactionChanged(Event):
+    type: Literal["reaction-changed"] = "reaction-changed"
+    data: ReactionChangedData
+
+
+class SearchResultsData(WireModel):
+    query: str
+    messages: list[MessageOut]
+    has_more: bool
+
+
+class SearchResults(Event):
+    type: Literal["search-results"] = "search-results"
+    data: SearchResultsData
+
+
 class ErrorData(WireModel):
     code: ErrorCode
     message: str
@@ -387,8 +527,46 @@ EVENTS: tuple[type[Event], ...] = (
     Conversations,
     Participants,
     ActiveUsers,
+    ReadMarker,
+    TypingEvent,
+    MessageEdited,
+    MessageDeleted,
+    ReactionChanged,
+    SearchResults,
     Error,
 )
+
+# (1.1) Also on the conversation topic; `read-marker` and `typing` are not.
+CONVERSATION_EVENTS: tuple[str, ...] = (
+    "conversation-created",
+    "participants-added",
+    "participant-left",
+    "conversation-removed",
+    "message-added",
+    "message-edited",
+    "message-deleted",
+    "reaction-changed",
+)
+
+
+# --- offline notifications (1.1) ---------------------------------------------------
+
+
+class NotificationData(WireModel):
+    user_id: str = Field(description="the participant without an active session")
+    conversation_id: str = Field(description="for a reply, the thread's")
+    message_id: str
+    sender_id: str
+    preview: str = Field(description="the body's first 100 characters (code points), nothing added")
+
+
+class Notification(WireModel):
+    """On `{prefix}/notifications/{user}` (QoS 1, not retained), for a push gateway."""
+
+    type: Literal["notification"] = "notification"
+    event_id: str
+    ts: Timestamp
+    data: NotificationData
 
 
 # --- retained state topics ------------------------------------------------------

@@ -55,6 +55,12 @@ def json_schemas() -> dict[str, dict[str, Any]]:
             f"events/{kind}.json",
             f"The `{kind}` event, as published to inboxes and conversation topics.",
         )
+    files["notification.json"] = _schema(
+        p.Notification,
+        "notification.json",
+        "(1.1) On {prefix}/notifications/{user}, QoS 1, not retained: a message for a participant "
+        "without an active session, for a push gateway the operator grants.",
+    )
     files["presence.json"] = _schema(p.Presence, "presence.json", "Retained on {prefix}/presence/{user}.")
     files["bridge-status.json"] = _schema(
         p.BridgeStatus,
@@ -70,6 +76,7 @@ def _ref(path: str) -> dict[str, str]:
 
 def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
     qos1 = {"mqtt": {"qos": 1, "retain": False, "bindingVersion": "0.2.0"}}
+    qos0 = {"mqtt": {"qos": 0, "retain": False, "bindingVersion": "0.2.0"}}
     retained = {"mqtt": {"qos": 1, "retain": True, "bindingVersion": "0.2.0"}}
     user_param = {
         "description": "a user id: ^[A-Za-z0-9_-]{1,64}$; equals the MQTT username where the broker "
@@ -90,18 +97,12 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "name": path.split("/")[1][:-5],
             "contentType": "application/json",
             "payload": _ref(path),
-            "bindings": qos1,
+            "bindings": qos0 if path == "events/typing.json" else qos1,
         }
         for path in schemas
         if path.startswith("events/")
     }
-    conversation_events = (
-        "conversation-created",
-        "participants-added",
-        "participant-left",
-        "conversation-removed",
-        "message-added",
-    )
+    conversation_events = p.CONVERSATION_EVENTS
 
     def msg_refs(prefix: str, names: Any) -> dict[str, Any]:
         return {n: {"$ref": f"#/components/messages/{prefix}-{n}"} for n in names}
@@ -111,11 +112,12 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "asyncapi": "3.0.0",
         "info": {
             "title": "chat-bridge wire protocol",
-            "version": "1",
+            "version": "1.1",
             "description": "Chat over MQTT. Clients publish JSON commands under their own user's topic; the "
             "bridge stores their effects and then publishes events. `{prefix}` is `chat/v1` "
             "unless configured otherwise. Every command except `disconnect` gets exactly one "
-            "answer in the sender's inbox carrying its request_id. See docs/protocol.md.",
+            "answer in the sender's inbox carrying its request_id (a successful `typing` "
+            "gets none). See docs/protocol.md.",
         },
         "servers": {
             "broker": {
@@ -163,6 +165,14 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "parameters": {"conversation": {"description": "a conversation id"}},
                 "messages": msg_refs("evt", conversation_events),
             },
+            "notifications": {
+                "address": "chat/v1/notifications/{user}",
+                "description": "(1.1) A notification per message for each participant without an active "
+                "session (never the sender, never for global); for a push gateway granted by the "
+                "operator, not ordinary users.",
+                "parameters": {"user": user_param},
+                "messages": {"notification": {"$ref": "#/components/messages/notification"}},
+            },
             "presence": {
                 "address": LAYOUT.presence("{user}"),
                 "description": "Retained presence of each user.",
@@ -184,6 +194,18 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "channel": {"$ref": "#/channels/conversationEvents"},
                 "bindings": qos1,
             },
+            "receiveTyping": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/inbox"},
+                "messages": [{"$ref": "#/channels/inbox/messages/typing"}],
+                "description": "(1.1) `typing` events reach the inbox at QoS 0 and are never stored.",
+                "bindings": qos0,
+            },
+            "receiveNotifications": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/notifications"},
+                "bindings": qos1,
+            },
             "receivePresence": {
                 "action": "receive",
                 "channel": {"$ref": "#/channels/presence"},
@@ -199,6 +221,12 @@ def asyncapi(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "messages": {
                 **messages_commands,
                 **messages_events,
+                "notification": {
+                    "name": "notification",
+                    "contentType": "application/json",
+                    "payload": _ref("notification.json"),
+                    "bindings": qos1,
+                },
                 "presence": {
                     "name": "presence",
                     "contentType": "application/json",

@@ -10,12 +10,12 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from pydantic import ValidationError
 
-from . import core, topics
+from . import core, handlers, topics
 from . import protocol as p
 from .errors import BadRequest, ChatError, InternalError, PayloadTooLarge, RateLimited, UnknownCommand
 from .limits import DEFAULT_MAX_EVENT, CostBudget, OncePer, RateLimiter
@@ -47,11 +47,13 @@ def wall_clock_ms() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """What one transaction produced: the deliveries, and the same serialized as outbox entries."""
+    """What one transaction produced: the deliveries, the same serialized as outbox entries, and the
+    ephemeral ones (QoS 0, never stored: typing) to publish once, without waiting for the broker."""
 
     id: str
     deliveries: list[core.Delivery]
     entries: list[OutboxEntry]
+    ephemeral: list[OutboxEntry] = field(default_factory=list)
 
 
 # Serialized events by id(): the event itself is kept beside its bytes, so that an id reused by a
@@ -69,12 +71,19 @@ def serialized(event: p.WireModel, wire: Wire) -> bytes:
 
 
 def encode(deliveries: Sequence[core.Delivery], batch: str, wire: Wire | None = None) -> list[OutboxEntry]:
-    """Serializes each event once, however many recipients share it (`wire`: already serialized)."""
+    """Serializes each event once, however many recipients share it (`wire`: already serialized);
+    QoS 0 deliveries included."""
     encoded: Wire = {} if wire is None else wire
     return [
-        OutboxEntry(d.kind, d.key, serialized(d.payload, encoded), topics.retained(d.kind), batch)
+        OutboxEntry(d.kind, d.key, serialized(d.payload, encoded), topics.retained(d.kind), batch, d.qos)
         for d in deliveries
     ]
+
+
+def batch_of(batch_id: str, deliveries: list[core.Delivery], wire: Wire | None = None) -> Batch:
+    """The batch, its QoS 1 entries (for the outbox) apart from the ephemeral ones."""
+    entries = encode(deliveries, batch_id, wire)
+    return Batch(batch_id, deliveries, [e for e in entries if e.qos], [e for e in entries if not e.qos])
 
 
 def parse(item: Inbound, max_payload: int) -> p.Command:
@@ -154,6 +163,8 @@ class Service:
         out: list[core.Delivery] = []
         self._registered = set()
         self._wire = {}
+        if items and not published and all(item.command == "typing" for item in items):
+            return self._ephemeral(items, admitted)
         charged: list[tuple[str, int]] = []
         try:
             with self.uow.transaction() as store:
@@ -192,11 +203,26 @@ class Service:
             return store.pending_outbox()
 
     def _outbox(self, store: Store, deliveries: list[core.Delivery]) -> Batch:
-        batch_id = self.ids("b")
-        batch = Batch(batch_id, deliveries, encode(deliveries, batch_id, self._wire))
+        batch = batch_of(self.ids("b"), deliveries, self._wire)
         self._wire = {}
         store.add_outbox(batch.entries)
         return batch
+
+    def _ephemeral(self, items: Sequence[Inbound], admitted: bool) -> Batch:
+        """Typing only: read what it needs without a transaction and store nothing, not even its
+        errors (they change nothing; one lost in a crash is as harmless as a lost typing event)."""
+        out: list[core.Delivery] = []
+        with self.uow.reading() as store:
+            for item in items:
+                refused = None if admitted else self.refusal(item)
+                if refused is None:
+                    refused = self._over_cost(item)
+                if refused is None:
+                    refused = self._handle(store, item)
+                    if self.cost is not None and not item.queued:  # typing events cost like any
+                        self.cost.charge(item.user_id, len(refused), self.clock())
+                out.extend(refused)
+        return batch_of("", out)
 
     def refusal(self, item: Inbound) -> list[core.Delivery] | None:
         """None when the command may run; otherwise its `rate-limited` answer (it does nothing): over
@@ -293,7 +319,19 @@ class Service:
         return out
 
     def _apply(self, store: Store, sender: str, cmd: p.Command) -> list[core.Delivery]:
-        handler = core.HANDLERS[type(cmd)]
+        handler = handlers.HANDLERS[type(cmd)]
+        if isinstance(cmd, p.Typing):  # writes nothing: no savepoint, no registration
+            ctx = self._context(store, sender, cmd.request_id)
+            try:
+                handler(cmd, ctx)
+            except ChatError:
+                raise
+            except self.transient:
+                raise
+            except Exception:
+                log.exception("typing by %s failed", sender)
+                raise InternalError("the bridge failed to relay typing; nothing was done") from None
+            return ctx.out
         for attempt in (1, 2):
             ctx = self._context(store, sender, cmd.request_id)
             try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -34,8 +35,11 @@ from sqlalchemy import (
     inspect,
     literal_column,
     select,
+    text,
+    tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.pool import PoolProxiedConnection
@@ -43,7 +47,18 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 from sqlmodel import Field, SQLModel, create_engine
 
-from .model import GLOBAL_ID, ChatSession, Conflict, Conversation, Message, OutboxEntry, Store, User
+from .model import (
+    GLOBAL_ID,
+    ChatSession,
+    Conflict,
+    Conversation,
+    Message,
+    OutboxEntry,
+    Reactions,
+    Store,
+    User,
+    words,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +99,17 @@ class ConversationRow(SQLModel, table=True):
     direct_key: str | None = Field(default=None, max_length=129)
     created_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
     last_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    last_rev: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+
+
+class ReadMarkerRow(SQLModel, table=True):
+    """(1.1) A user's read marker in a conversation; absent means 0."""
+
+    __tablename__ = "read_markers"
+    __table_args__ = (Index("ix_read_markers_user", "user_id"),)
+    conversation_id: str = Field(primary_key=True, max_length=64)
+    user_id: str = Field(primary_key=True, max_length=64)
+    read_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
 class ParticipantRow(SQLModel, table=True):
@@ -99,6 +125,8 @@ class MessageRow(SQLModel, table=True):
         UniqueConstraint("conversation_id", "seq", name="uq_messages_seq"),
         UniqueConstraint("conversation_id", "sender_id", "client_msg_id", name="uq_messages_client_msg_id"),
         Index("ix_messages_created", "conversation_id", "created_ms", "seq"),
+        Index("uq_messages_rev", "conversation_id", "rev", unique=True),
+        Index("uq_messages_search_rowid", "search_rowid", unique=True),
     )
     message_id: str = Field(primary_key=True, max_length=64)
     conversation_id: str = Field(max_length=64)
@@ -107,6 +135,17 @@ class MessageRow(SQLModel, table=True):
     body: str = Field(sa_column=Column(Text, nullable=False))
     client_msg_id: str | None = Field(default=None, max_length=64)
     created_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    rev: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    edited_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    deleted_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    reactions: str = Field(default="{}", sa_column=Column(Text, nullable=False, server_default="{}"))
+    # Search: SQLite links each message to its row of the FTS5 table `message_search` (NULL when it has no
+    # words or is deleted); PostgreSQL keeps the words' tsvector here, under a GIN index. Each dialect
+    # leaves the other's column NULL. Both index `model.words(body)`, so they agree on what a word is.
+    search_rowid: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    search_vector: str | None = Field(
+        default=None, sa_column=Column(postgresql.TSVECTOR().with_variant(Text(), "sqlite"), nullable=True)
+    )
 
 
 class OutboxRow(SQLModel, table=True):
@@ -132,6 +171,11 @@ conversations = ConversationRow.__table__  # type: ignore[attr-defined]
 participants = ParticipantRow.__table__  # type: ignore[attr-defined]
 messages = MessageRow.__table__  # type: ignore[attr-defined]
 outbox = OutboxRow.__table__  # type: ignore[attr-defined]
+read_markers = ReadMarkerRow.__table__  # type: ignore[attr-defined]
+
+# Made by the migrations for one dialect only, outside the models: the FTS5 table (and its shadow tables)
+# on SQLite, the GIN index on PostgreSQL.
+SEARCH_OBJECTS = ("message_search", "ix_messages_search")
 
 _CONV_COLS = (
     conversations.c.conversation_id,
@@ -142,6 +186,7 @@ _CONV_COLS = (
     conversations.c.parent_message_id,
     conversations.c.created_ms,
     conversations.c.last_seq,
+    conversations.c.last_rev,
 )
 _SESSION_COLS = (
     sessions.c.user_id,
@@ -158,21 +203,66 @@ _MSG_COLS = (
     messages.c.body,
     messages.c.client_msg_id,
     messages.c.created_ms,
+    messages.c.rev,
+    messages.c.edited_ms,
+    messages.c.deleted_ms,
+    messages.c.reactions,
 )
+_MSG_FIELDS = [c.name for c in _MSG_COLS]
+SIMPLE: Any = literal_column("'simple'::regconfig")  # PostgreSQL: no stemming, no stop words
 
 
 def _conv(row: Any) -> Conversation | None:
     return Conversation(*row) if row is not None else None
 
 
+def _reactions(raw: str) -> Reactions:
+    return tuple((emoji, tuple(users)) for emoji, users in orjson.loads(raw).items()) if raw != "{}" else ()
+
+
+def _reactions_json(reactions: Reactions) -> str:
+    return orjson.dumps({emoji: list(users) for emoji, users in reactions}).decode() if reactions else "{}"
+
+
 def _msg(row: Any) -> Message | None:
-    return Message(*row) if row is not None else None
+    if row is None:
+        return None
+    mid, cid, seq, sender, body, client_msg_id, created, rev, edited, deleted, reactions = row  # _MSG_COLS
+    return Message(
+        mid, cid, seq, sender, body, client_msg_id, created, rev, edited, deleted, _reactions(reactions)
+    )
 
 
-def _statements() -> dict[str, tuple[ClauseElement, list[str] | None]]:
+def _message_values(m: Message) -> dict[str, Any]:
+    values = {name: getattr(m, name) for name in _MSG_FIELDS}
+    values["reactions"] = _reactions_json(m.reactions)
+    return values
+
+
+def _search_text(m: Message) -> str | None:
+    """The words that search indexes for the message, joined by spaces; None when there are none."""
+    found = words(m.body) if not m.deleted else []
+    return " ".join(found) if found else None
+
+
+def _statements(dialect: str) -> dict[str, tuple[ClauseElement, list[str] | None]]:
     """Every static statement of the store, by name, with the columns an INSERT takes."""
     b = bindparam
     conv, msg = select(*_CONV_COLS), select(*_MSG_COLS)
+    pg = dialect == "postgresql"
+    upsert = (postgresql.insert if pg else sqlite.insert)(read_markers).values(
+        conversation_id=b("cid"), user_id=b("user_id"), read_seq=b("seq")
+    )
+    forward = (func.greatest if pg else func.max)(read_markers.c.read_seq, upsert.excluded.read_seq)
+    message_update: dict[str, Any] = {
+        name: b(f"new_{name}") for name in ("body", "edited_ms", "deleted_ms", "reactions", "rev")
+    }
+    if pg:
+        search_insert = (insert(messages).values(search_vector=func.to_tsvector(SIMPLE, b("words"))), None)
+        search_update: dict[str, Any] = {"search_vector": func.to_tsvector(SIMPLE, b("words"))}
+    else:
+        search_insert = (insert(messages).values(search_rowid=b("search_rowid")), None)
+        search_update = {"search_rowid": b("search_rowid")}
     mine = select(participants.c.conversation_id).where(participants.c.user_id == b("user_id"))
     return {
         "get_user": (
@@ -253,20 +343,83 @@ def _statements() -> dict[str, tuple[ClauseElement, list[str] | None]]:
             None,
         ),
         "threads_of": (conv.where(conversations.c.parent_conversation_id == b("cid")), None),
+        "delete_search_rows": (
+            text(
+                "DELETE FROM message_search WHERE rowid IN "
+                "(SELECT search_rowid FROM messages WHERE conversation_id = :cid)"
+            )
+            if not pg
+            else select(literal_column("1")),
+            None,
+        ),
+        "delete_read_markers": (delete(read_markers).where(read_markers.c.conversation_id == b("cid")), None),
         "delete_messages": (delete(messages).where(messages.c.conversation_id == b("cid")), None),
         "delete_participants": (delete(participants).where(participants.c.conversation_id == b("cid")), None),
         "delete_conversation": (
             delete(conversations).where(conversations.c.conversation_id == b("cid")),
             None,
         ),
-        "next_seq": (
+        "next_position": (
             update(conversations)
             .where(conversations.c.conversation_id == b("cid"))
-            .values(last_seq=conversations.c.last_seq + literal_column("1"))
-            .returning(conversations.c.last_seq),
+            .values(
+                last_seq=conversations.c.last_seq + literal_column("1"),
+                last_rev=conversations.c.last_rev + literal_column("1"),
+            )
+            .returning(conversations.c.last_seq, conversations.c.last_rev),
             None,
         ),
-        "insert_message": (insert(messages).inline(), [c.name for c in _MSG_COLS]),
+        "next_rev": (
+            update(conversations)
+            .where(conversations.c.conversation_id == b("cid"))
+            .values(last_rev=conversations.c.last_rev + literal_column("1"))
+            .returning(conversations.c.last_rev),
+            None,
+        ),
+        "insert_message": (search_insert[0].inline(), _MSG_FIELDS),
+        "update_message": (
+            update(messages)
+            .where(messages.c.message_id == b("mid"), messages.c.rev == b("expected_rev"))
+            .values(**message_update),
+            None,
+        ),
+        "update_message_search": (
+            update(messages).where(messages.c.message_id == b("mid")).values(**search_update),
+            None,
+        ),
+        # SQLite's FTS5 rows (no-ops on PostgreSQL, whose index follows the column)
+        "insert_search_row": (text("INSERT INTO message_search(words) VALUES (:words)"), None),
+        "delete_search_row": (
+            text(
+                "DELETE FROM message_search WHERE rowid = "
+                "(SELECT search_rowid FROM messages WHERE message_id = :mid)"
+            ),
+            None,
+        ),
+        "messages_after_rev": (
+            msg.where(messages.c.conversation_id == b("cid"), messages.c.rev > b("rev"))
+            .order_by(messages.c.rev)
+            .limit(b("lim")),
+            None,
+        ),
+        "read_seq": (
+            select(read_markers.c.read_seq).where(
+                read_markers.c.conversation_id == b("cid"), read_markers.c.user_id == b("user_id")
+            ),
+            None,
+        ),
+        "read_markers": (
+            select(read_markers.c.conversation_id, read_markers.c.read_seq).where(
+                read_markers.c.user_id == b("user_id")
+            ),
+            None,
+        ),
+        "set_read_seq": (
+            upsert.on_conflict_do_update(
+                index_elements=["conversation_id", "user_id"], set_={"read_seq": forward}
+            ),
+            None,
+        ),
         "get_message": (msg.where(messages.c.message_id == b("mid")), None),
         "find_by_client_msg_id": (
             msg.where(
@@ -353,7 +506,8 @@ class _Prepared:
 def prepare(dialect: Dialect) -> dict[str, _Prepared]:
     """The store's statements compiled once for a dialect (SQLAlchemy builds the SQL; the driver runs it)."""
     return {
-        name: _Prepared.compile(stmt, dialect, columns) for name, (stmt, columns) in _statements().items()
+        name: _Prepared.compile(stmt, dialect, columns)
+        for name, (stmt, columns) in _statements(dialect.name).items()
     }
 
 
@@ -472,6 +626,17 @@ class SqlStore:
     def active_sessions_outside_epoch(self, epoch: str) -> list[ChatSession]:
         return [ChatSession(*r) for r in self._exec("active_sessions_outside_epoch", epoch_=epoch).fetchall()]
 
+    def without_active_session(self, user_ids: Sequence[str]) -> list[str]:
+        if not user_ids:
+            return []
+        rows = self._core(
+            select(sessions.c.user_id)
+            .where(sessions.c.ended_ms.is_(None), sessions.c.user_id.in_(set(user_ids)))
+            .distinct()
+        ).fetchall()
+        active = {r[0] for r in rows}
+        return [u for u in user_ids if u not in active]
+
     # conversations
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         return _conv(self._exec("get_conversation", cid=conversation_id).fetchone())
@@ -524,22 +689,69 @@ class SqlStore:
         return [Conversation(*r) for r in self._exec("threads_of", cid=conversation_id).fetchall()]
 
     def delete_conversation(self, conversation_id: str) -> None:
-        for name in ("delete_messages", "delete_participants", "delete_conversation"):
+        names = ["delete_read_markers", "delete_messages", "delete_participants", "delete_conversation"]
+        if not self._pg:
+            names.insert(0, "delete_search_rows")
+        for name in names:
             self._exec(name, cid=conversation_id)
 
+    @property
+    def _pg(self) -> bool:
+        return self.dialect.name == "postgresql"
+
     # messages
-    def next_seq(self, conversation_id: str) -> int:
-        row = self._exec("next_seq", cid=conversation_id).fetchone()
+    def next_position(self, conversation_id: str) -> tuple[int, int]:
+        row = self._exec("next_position", cid=conversation_id).fetchone()
+        if row is None:
+            raise LookupError(f"no conversation {conversation_id}")
+        return int(row[0]), int(row[1])
+
+    def next_rev(self, conversation_id: str) -> int:
+        row = self._exec("next_rev", cid=conversation_id).fetchone()
         if row is None:
             raise LookupError(f"no conversation {conversation_id}")
         return int(row[0])
 
+    def _search_row(self, message: Message) -> int | None:
+        """SQLite: the new FTS5 row of the message's words (None when it has none)."""
+        found = _search_text(message)
+        if found is None:
+            return None
+        return int(self._exec("insert_search_row", words=found).lastrowid)
+
     def add_message(self, message: Message) -> None:
         # No savepoint of its own: a Conflict always unwinds through the command's savepoint (atomic()).
+        values = _message_values(message)
+        if self._pg:
+            values["words"] = _search_text(message)
+        else:
+            values["search_rowid"] = self._search_row(message)
         try:
-            self._exec("insert_message", **{col.name: getattr(message, col.name) for col in _MSG_COLS})
+            self._exec("insert_message", **values)
         except IntegrityError as exc:
             raise Conflict(str(exc.orig)) from None
+
+    def update_message(self, message: Message, expected_rev: int) -> None:
+        stored = self.get_message(message.message_id)
+        values = {f"new_{k}": v for k, v in _message_values(message).items()}
+        if not self._exec(
+            "update_message",
+            mid=message.message_id,
+            expected_rev=expected_rev,
+            **{
+                k: values[k]
+                for k in ("new_body", "new_edited_ms", "new_deleted_ms", "new_reactions", "new_rev")
+            },
+        ).rowcount:
+            raise Conflict(f"message {message.message_id} changed")
+        if stored is not None and (stored.body, stored.deleted_ms) == (message.body, message.deleted_ms):
+            return  # the words did not change (a reaction)
+        if self._pg:
+            self._exec("update_message_search", mid=message.message_id, words=_search_text(message))
+        else:
+            self._exec("delete_search_row", mid=message.message_id)
+            rowid = self._search_row(message)
+            self._exec("update_message_search", mid=message.message_id, search_rowid=rowid)
 
     def get_message(self, message_id: str) -> Message | None:
         return _msg(self._exec("get_message", mid=message_id).fetchone())
@@ -553,7 +765,7 @@ class SqlStore:
         return _msg(row)
 
     def _messages(self, name: str, /, **params: Any) -> list[Message]:
-        return [Message(*r) for r in self._exec(name, **params).fetchall()]
+        return [m for r in self._exec(name, **params).fetchall() if (m := _msg(r)) is not None]
 
     def messages_after_seq(self, conversation_id: str, after_seq: int, limit: int) -> list[Message]:
         return self._messages("messages_after_seq", cid=conversation_id, seq=after_seq, lim=limit)
@@ -570,6 +782,64 @@ class SqlStore:
         if before_seq is None:
             return self._messages("newest_messages", cid=conversation_id, lim=limit)
         return self._messages("messages_before_seq", cid=conversation_id, seq=before_seq, lim=limit)
+
+    def messages_after_rev(self, conversation_id: str, after_rev: int, limit: int) -> list[Message]:
+        return self._messages("messages_after_rev", cid=conversation_id, rev=after_rev, lim=limit)
+
+    def search(
+        self,
+        conversation_ids: Sequence[str],
+        query_words: Sequence[str],
+        before: Message | None,
+        limit: int,
+    ) -> list[Message]:
+        if not conversation_ids or not query_words:
+            return []
+        if self._pg:
+            matches = messages.c.search_vector.op("@@")(
+                func.plainto_tsquery(SIMPLE, bindparam("q", " ".join(query_words)))
+            )
+        else:
+            fts = " ".join(f'"{w}"' for w in query_words)  # words are letters and digits: nothing to escape
+            matches = messages.c.search_rowid.in_(
+                select(literal_column("rowid"))
+                .select_from(text("message_search"))
+                .where(text("message_search MATCH :q").bindparams(q=fts))
+            )
+        stmt = select(*_MSG_COLS).where(
+            matches,
+            messages.c.conversation_id.in_(set(conversation_ids)),
+            messages.c.deleted_ms.is_(None),
+        )
+        if before is not None:
+            stmt = stmt.where(
+                tuple_(messages.c.created_ms, messages.c.message_id)
+                < tuple_(bindparam("before_ms", before.created_ms), bindparam("before_id", before.message_id))
+            )
+        stmt = stmt.order_by(messages.c.created_ms.desc(), messages.c.message_id.desc()).limit(
+            bindparam("lim", limit)
+        )
+        return [m for r in self._core(stmt).fetchall() if (m := _msg(r)) is not None]
+
+    # read markers
+    def read_seq(self, conversation_id: str, user_id: str) -> int:
+        row = self._exec("read_seq", cid=conversation_id, user_id=user_id).fetchone()
+        return int(row[0]) if row else 0
+
+    def read_markers(self, user_id: str) -> dict[str, int]:
+        return {cid: int(seq) for cid, seq in self._exec("read_markers", user_id=user_id).fetchall()}
+
+    def set_read_seq(self, conversation_id: str, user_id: str, seq: int) -> None:
+        self._exec("set_read_seq", cid=conversation_id, user_id=user_id, seq=seq)
+
+    def forget_read_markers(self, conversation_ids: Sequence[str], user_id: str) -> None:
+        if conversation_ids:
+            self._core(
+                delete(read_markers).where(
+                    read_markers.c.user_id == bindparam("u", user_id),
+                    read_markers.c.conversation_id.in_(set(conversation_ids)),
+                )
+            )
 
     # the transactional outbox
     def add_outbox(self, entries: Sequence[OutboxEntry]) -> None:
@@ -688,6 +958,27 @@ class SqlUnitOfWork:
             raise
         finally:
             conn.close()  # back to the pool
+
+    @contextmanager
+    def reading(self) -> Iterator[Store]:
+        """Reads without a write lock (SQLite: no BEGIN IMMEDIATE); whatever was done is rolled back."""
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            conn = self.engine.raw_connection()
+        except dbapi_error as exc:
+            raise DBAPIError.instance(
+                None, None, exc, dbapi_error, connection_invalidated=True, dialect=self.engine.dialect
+            ) from None
+        store = SqlStore(conn, self.engine.dialect, self.statements)
+        try:
+            yield store
+        finally:
+            if conn.is_valid:
+                try:
+                    conn.rollback()
+                except dbapi_error as exc:
+                    store.translate(exc, "ROLLBACK")
+            conn.close()
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

@@ -46,11 +46,13 @@ class EventRefused(TransportError):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One publish: QoS 1, retained or not."""
+    """One publish: QoS 1, retained or not; QoS 0 for ephemeral events (typing), whose completion
+    means only that it was sent."""
 
     topic: str
     payload: bytes
     retain: bool = False
+    qos: int = 1
 
 
 @dataclass(slots=True)

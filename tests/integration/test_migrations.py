@@ -6,11 +6,12 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import insert, inspect, select
+from sqlalchemy import MetaData, Table, column, insert, inspect, select, table
 from sqlmodel import SQLModel
 from world import World
 
 from bridge.sql import (
+    SEARCH_OBJECTS,
     SqlUnitOfWork,
     conversations,
     init_db,
@@ -28,14 +29,30 @@ FIRST_RELEASE_TABLES = (users, sessions, conversations, participants, messages)
 def test_migrations_build_the_models_schema(database_url: str) -> None:
     engine = make_engine(database_url)
     migrate(engine)
+
+    def ours(obj: Any, name: str | None, kind: str, reflected: bool, _compare_to: Any) -> bool:
+        """The search structures are one dialect's each, outside the models (checked below)."""
+        return not (name or "").startswith(SEARCH_OBJECTS)
+
     with engine.connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+        context = MigrationContext.configure(conn, opts={"include_object": ours})
+        diffs = compare_metadata(context, SQLModel.metadata)
+        tables = inspect(conn).get_table_names()
+        indexes = {i["name"] for i in inspect(conn).get_indexes("messages")}
     engine.dispose()
     assert diffs == [], diffs
+    if engine.dialect.name == "sqlite":
+        assert "message_search" in tables
+    else:
+        assert "ix_messages_search" in indexes
 
 
-def rows(conn: Any) -> dict[str, list[tuple[Any, ...]]]:
-    return {t.name: sorted(tuple(r) for r in conn.execute(select(t)).all()) for t in FIRST_RELEASE_TABLES}
+def rows(conn: Any, columns: dict[str, list[str]]) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the first release's tables, in the first release's columns."""
+    return {
+        name: sorted(tuple(r) for r in conn.execute(select(table(name, *map(column, cols)))).all())
+        for name, cols in columns.items()
+    }
 
 
 def test_upgrade_from_the_first_release_keeps_every_row(database_url: str) -> None:
@@ -103,14 +120,23 @@ def test_upgrade_from_the_first_release_keeps_every_row(database_url: str) -> No
                 for i in range(1, 26)
             ],
         )
-        before = rows(conn)
+        first = MetaData()
+        columns = {
+            t.name: [c.name for c in Table(t.name, first, autoload_with=conn).columns]
+            for t in FIRST_RELEASE_TABLES
+        }
+        before = rows(conn, columns)
 
     init_db(engine, 100)  # what `chat-bridge serve` does at start: migrate to the newest schema
     with engine.connect() as conn:
-        assert rows(conn) == before
+        assert rows(conn, columns) == before
         assert "outbox" in inspect(conn).get_table_names()
         version = conn.exec_driver_sql("select version_num from alembic_version").scalar()
-    assert version == "0002"
+        revs = dict(conn.execute(select(messages.c.message_id, messages.c.rev)).all())
+        last = dict(conn.execute(select(conversations.c.conversation_id, conversations.c.last_rev)).all())
+    assert version == "0003"
+    assert revs == {f"old-{i}": i for i in range(1, 26)}, "existing messages get rev = seq"
+    assert last == {"global": 0, "c_dm": 25, "c_g": 0, "t_1": 0}
 
     w = World(SqlUnitOfWork(engine))
     sent = w.do("bob", "send-message", conversation_id="c_dm", body="after the upgrade")
@@ -120,15 +146,27 @@ def test_upgrade_from_the_first_release_keeps_every_row(database_url: str) -> No
     assert replay.data["message"]["message_id"] == "old-1"
     thread = w.do("bob", "reply", message_id="old-1", body="in the old thread")
     assert thread.data["message"]["conversation_id"] == "t_1"
+    assert sent.data["message"]["rev"] == 26
+    found = w.do("alice", "search-messages", query="MESSAGE 7")
+    assert [m["message_id"] for m in found.data["messages"]] == ["old-7"], "old messages are indexed"
+    w.do("alice", "edit-message", message_id="old-7", body="rewritten")
+    assert w.do("alice", "search-messages", query="message 7").data["messages"] == []
+    caught_up = w.do("alice", "get-messages", conversation_id="c_dm", since_rev=25)
+    assert [(m["message_id"], m["rev"]) for m in caught_up.data["messages"]] == [
+        (sent.data["message"]["message_id"], 26),
+        ("old-7", 27),
+    ]
+    unread = w.do("alice", "get-conversations").data["conversations"]
+    assert {c["conversation_id"]: c["unread"] for c in unread}["c_dm"] == 26, "no marker was invented"
     engine.dispose()
 
 
 def test_a_database_from_before_migrations_is_adopted(tmp_path: Any) -> None:
     """Databases from builds before migrations (create_all, no alembic_version) are stamped, then upgraded."""
     engine = make_engine(f"sqlite:///{tmp_path}/old.sqlite3")
+    migrate(engine, "0001")  # the first release's tables, as create_all made them then
     with engine.begin() as conn:
-        for table in FIRST_RELEASE_TABLES:
-            table.create(conn)
+        conn.exec_driver_sql("DROP TABLE alembic_version")
         conn.execute(insert(users).values(user_id="alice", created_ms=1))
     init_db(engine, 0)
     with engine.connect() as conn:

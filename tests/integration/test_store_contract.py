@@ -65,6 +65,23 @@ def history(w: World, seed: int = 7) -> list[tuple[str, str, str]]:
             run(user, rng.choice(["disconnect", "connect"]), session_id=f"{user}-s")
         else:
             run(user, "send-message", conversation_id=rng.choice(convs), body="")  # bad-request
+        # (1.1) marks, edits, deletions, reactions, search and the rev cursor, beside every step
+        kind = rng.random()
+        target = rng.choice(roots) if roots else "m_none"
+        if kind < 0.15:
+            run(user, "mark-read", conversation_id=rng.choice(convs), seq=rng.randrange(0, 40))
+        elif kind < 0.25:
+            run(user, "edit-message", message_id=target, body=f"edited b{i} Word{rng.randrange(3)}")
+        elif kind < 0.3:
+            run(user, "delete-message", message_id=target)
+        elif kind < 0.45:
+            run(user, "react", message_id=target, emoji=rng.choice(["👍", "🎉", "x"]), on=rng.random() < 0.7)
+        elif kind < 0.55:
+            run(user, "search-messages", query=rng.choice(["word1", "B3 edited", "b1", "WORD0"]), limit=3)
+        elif kind < 0.65:
+            run(user, "get-messages", conversation_id=rng.choice(convs), since_rev=rng.randrange(10), limit=4)
+        elif kind < 0.7:
+            run(user, "typing", conversation_id=rng.choice(convs), typing=True)
     run("carol", "leave", conversation_id=grp["conversation_id"])
     run("alice", "get-conversations")
     run("alice", "remove-conversation", conversation_id=grp["conversation_id"])

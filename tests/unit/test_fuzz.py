@@ -64,6 +64,8 @@ def from_schema(node: dict[str, Any]) -> st.SearchStrategy[Any]:
     kind = node.get("type")
     if kind == "null":
         return st.none()
+    if kind == "boolean":
+        return st.booleans()
     if kind == "integer":
         return st.integers(node.get("minimum", -(2**63)), node.get("maximum", 2**63))
     if kind == "array":
@@ -111,7 +113,10 @@ def check(w: World, user: str, name: str, payload: bytes) -> None:
         assert w.state() == before, "an invalid command changed state"
     else:
         ACCEPTED[name] = ACCEPTED.get(name, 0) + 1
-        if name != "disconnect" and rid:
+        if name == "typing":  # no answer when it succeeds; only QoS 0 copies, nothing stored
+            assert not out.inbox(user) and all(d.qos == 0 for d in out.deliveries), out.deliveries
+            assert w.state() == before, "typing changed state"
+        elif name != "disconnect" and rid:
             answers = [e["request_id"] for e in out.inbox(user)].count(rid)
             assert answers == 1, "a valid command needs exactly one answer"
         elif name != "disconnect":

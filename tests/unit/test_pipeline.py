@@ -381,3 +381,24 @@ async def test_a_broker_that_cannot_be_reached_is_reported_at_once() -> None:
     assert len(warnings) == 1 and "127.0.0.1:1" in warnings[0] and "refused" in warnings[0]
     assert h.pipeline.status.broker_error and "refused" in h.pipeline.status.broker_error
     await h.stop()
+
+
+@run
+async def test_typing_goes_out_at_qos_0_acknowledged_never_stored() -> None:
+    h = await Harness().start()
+    h.send("alice", "connect", session_id="a1", request_id="c")
+    h.send("bob", "connect", session_id="b1", request_id="c")
+    h.send("alice", "create-conversation", kind="direct", participants=["bob"], request_id="d")
+    await until(lambda: len(h.answers("alice")) == 2)
+    cid = next(e for e in h.inbox("alice") if e["type"] == "conversation-created")["data"]["conversation"][
+        "conversation_id"
+    ]
+    acked = len(h.transport.acked)
+    h.send("alice", "typing", conversation_id=cid, typing=True, request_id="t")
+    await until(lambda: any(e["type"] == "typing" for e in h.inbox("bob")))
+    await until(lambda: len(h.transport.acked) == acked + 1)
+    (typing,) = [e for e in h.events() if b'"typing"' in e.payload and e.topic == TOPICS.inbox("bob")]
+    assert typing.qos == 0 and not typing.retain
+    assert "t" not in h.answers("alice"), "a successful typing is not answered"
+    assert all(b'"typing"' not in e.payload for e in h.uow.store._s.outbox)
+    await h.stop()

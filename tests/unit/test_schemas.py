@@ -40,11 +40,14 @@ def test_asyncapi_describes_topics_qos_retain_and_the_will() -> None:
         "chat/v1/conversations/{conversation}/events",
         "chat/v1/presence/{user}",
         "chat/v1/bridge/status",
+        "chat/v1/notifications/{user}",
     }
     will = doc["servers"]["broker"]["bindings"]["mqtt"]["lastWill"]
     assert will["topic"] == "chat/v1/users/{user}/commands/disconnect" and will["qos"] == 1
     assert doc["operations"]["receivePresence"]["bindings"]["mqtt"]["retain"] is True
     assert doc["operations"]["sendCommand"]["bindings"]["mqtt"]["qos"] == 1
+    assert doc["operations"]["receiveTyping"]["bindings"]["mqtt"]["qos"] == 0
+    assert doc["components"]["messages"]["evt-typing"]["bindings"]["mqtt"]["qos"] == 0
 
 
 def _validator(path: str) -> jsonschema.Draft202012Validator:
@@ -66,6 +69,15 @@ def test_what_the_bridge_sends_validates_against_the_schemas() -> None:
         w.do("bob", "get-conversations"),
         w.do("bob", "get-participants", conversation_id=cid),
         w.do("bob", "get-active-users"),
+        w.do("bob", "mark-read", conversation_id=cid, seq=1),
+        w.do("bob", "typing", conversation_id=cid, typing=True),
+        w.do("alice", "edit-message", message_id=mid, body="x2"),
+        w.do("bob", "react", message_id=mid, emoji="👍"),
+        w.do("bob", "search-messages", query="x2"),
+        w.do("bob", "get-messages", conversation_id=cid, since_rev=0),
+        w.do("alice", "delete-message", message_id=mid),
+        w.do("bob", "disconnect", session_id="b"),
+        w.do("alice", "send-message", conversation_id=cid, body="while bob is away"),
         w.do("bob", "leave", conversation_id=cid),
         w.do("bob", "nope"),
         w.do("alice", "remove-conversation", conversation_id=cid),
@@ -75,10 +87,11 @@ def test_what_the_bridge_sends_validates_against_the_schemas() -> None:
     for out in outs:
         for d in out.deliveries:
             body = json.loads(d.payload.model_dump_json())
-            path = f"events/{body['type']}.json" if d.kind != "presence" else "presence.json"
+            special = {"presence": "presence.json", "notification": "notification.json"}
+            path = special[d.kind] if d.kind in special else f"events/{body['type']}.json"
             _validator(path).validate(body)
             seen.add(path)
-    assert len(seen) >= 12
+    assert len(seen) >= 20, seen
 
 
 @pytest.mark.parametrize(
