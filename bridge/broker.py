@@ -249,6 +249,15 @@ class InProcessPublisher:
     def __call__(self, events: list[tuple[str, bytes, bool]]) -> concurrent.futures.Future[None]:
         return asyncio.run_coroutine_threadsafe(self._publish(events), self.loop)
 
+    def ephemeral(self, events: list[tuple[str, bytes]]) -> concurrent.futures.Future[None]:
+        """QoS 0 events (typing). Forced to QoS 0: amqtt otherwise delivers at the subscription's QoS,
+        whatever the publish's, even a client's QoS 0 publish."""
+        return asyncio.run_coroutine_threadsafe(self._publish_qos0(events), self.loop)
+
+    async def _publish_qos0(self, events: list[tuple[str, bytes]]) -> None:
+        for topic, payload in events:
+            await self.broker.internal_message_broadcast(topic, payload, 0)
+
     async def _publish(self, events: list[tuple[str, bytes, bool]]) -> None:
         for topic, payload, retain in events:
             if retain:

@@ -373,7 +373,11 @@ class MqttBridge:
             for kind, n in counts.items():
                 self.metrics.events_published.labels(kind).inc(n)
         flight.complete = True
-        for e in batch.ephemeral:  # QoS 0, never stored: nothing to wait for or to publish again
+        # QoS 0, never stored: nothing to wait for or to publish again
+        ephemeral = getattr(self.publisher, "ephemeral", None)
+        if batch.ephemeral and ephemeral is not None:
+            ephemeral([(self.topics.of(e.kind, e.key), e.payload) for e in batch.ephemeral])
+        for e in batch.ephemeral if ephemeral is None else ():
             self.client.publish(self.topics.of(e.kind, e.key), e.payload, qos=0, retain=False)
 
     def _wait_for_window(self) -> None:
