@@ -15,10 +15,19 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.engine import Engine
+
 from chat_bridge.chat import add_chat_command
 
-from . import passwords
-from .broker import BrokerStartError, InProcessPublisher, Security, flood_guard_for, start_broker
+from . import __version__, passwords
+from .broker import (
+    BrokerStartError,
+    InProcessPublisher,
+    Security,
+    check_port_free,
+    flood_guard_for,
+    start_broker,
+)
 from .config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_HTTP_LISTEN,
@@ -32,7 +41,7 @@ from .config import (
 )
 from .http import HttpServer, HttpServerError
 from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, CostBudget, RateLimiter
-from .metrics import Health, Metrics, database_probe
+from .metrics import Health, Metrics, Summary, database_probe
 from .model import User
 from .mqtt import MqttBridge, Publisher
 from .service import Service, new_id, wall_clock_ms
@@ -40,6 +49,8 @@ from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_en
 from .topics import BRIDGE_ACCOUNT, SERVICE_ACCOUNTS, Topics, is_user_id
 
 log = logging.getLogger("chat-bridge")
+
+PROTOCOL_VERSION = "1.1"  # the wire protocol this bridge speaks (docs/protocol.md)
 
 OPTIONS = (
     # flag, environment variable, default, help
@@ -112,18 +123,29 @@ OPTIONS = (
         "host:port of the HTTP server (/healthz, /metrics, the browser client at /); off: none",
     ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    (
+        "--log-summary",
+        "CHAT_BRIDGE_LOG_SUMMARY",
+        "60",
+        "seconds between the INFO lines that sum up the commands and events handled; 0: none",
+    ),
 )
 DEFAULT_PASSWORD_FILE = "mosquitto/passwd"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-bridge", description="A chat backend for MQTT clients.")
+    parser.add_argument(
+        "--version", action="version", version=f"chat-bridge {__version__} (protocol {PROTOCOL_VERSION})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve", help="run the bridge (with an embedded broker unless --broker-url is given)"
     )
     for flag, env, default, text in OPTIONS:
-        serve.add_argument(flag, default=os.environ.get(env, default), help=f"{text} [env {env}]")
+        shown = "" if default is None else f"; default {default}"
+        serve.add_argument(flag, default=os.environ.get(env, default), help=f"{text} [env {env}{shown}]")
+    serve.set_defaults(parser=serve)
 
     users = sub.add_parser("users", help="manage accounts in a Mosquitto password file")
     users_sub = users.add_subparsers(dest="action", required=True)
@@ -133,12 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("list", "list the accounts"),
     ):
         cmd = users_sub.add_parser(action, help=text)
+        cmd.set_defaults(parser=cmd)
         if action != "list":
             cmd.add_argument("name", help="the user id, which is also the MQTT username")
         cmd.add_argument(
             "--password-file",
             default=os.environ.get("CHAT_BRIDGE_PASSWORD_FILE", DEFAULT_PASSWORD_FILE),
-            help="[env CHAT_BRIDGE_PASSWORD_FILE]",
+            help=f"[env CHAT_BRIDGE_PASSWORD_FILE; default {DEFAULT_PASSWORD_FILE}]",
         )
         if action == "add":
             cmd.add_argument(
@@ -147,11 +170,67 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--database-url",
                 default=os.environ.get("CHAT_BRIDGE_DATABASE_URL", DEFAULT_DATABASE_URL),
-                help="where to register the user [env CHAT_BRIDGE_DATABASE_URL]",
+                help="where to register the user "
+                f"[env CHAT_BRIDGE_DATABASE_URL; default {DEFAULT_DATABASE_URL}]",
             )
             cmd.add_argument("--display-name")
     add_chat_command(sub)
+    sub.choices["chat"].set_defaults(parser=sub.choices["chat"])
     return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Like `parse_args`, but an unknown option is reported with the usage of the subcommand it was
+    given to, not the top-level one."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def check_database_url(url: str) -> None:
+    """Fails with one line when `url` is not a SQLAlchemy URL of a database kind we can open."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except NoSuchModuleError:  # (an ArgumentError too)
+        raise ConfigError(
+            f"--database-url: {url.split(':', 1)[0]!r} is no database kind we know; "
+            "use sqlite:///path or postgresql+psycopg://..."
+        ) from None
+    except ArgumentError:
+        raise ConfigError(
+            "--database-url must be a SQLAlchemy URL (sqlite:///path or postgresql+psycopg://...), "
+            f"not {url!r}"
+        ) from None
+
+
+def open_database(url: str, *, background_checkpoints: bool = False) -> Engine:
+    """The engine for `url` with the schema migrated, or a ConfigError that says in one line what is
+    wrong with the URL or the server."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    check_database_url(url)
+    shown = redacted(url)
+    database = make_url(url).database if shown.startswith("sqlite") else None
+    if database and database != ":memory:" and not Path(database).resolve().parent.is_dir():
+        folder = Path(database).resolve().parent
+        raise ConfigError(f"--database-url {shown}: the directory {folder} does not exist")
+    engine = None
+    try:
+        engine = make_engine(url, background_checkpoints=background_checkpoints)
+        init_db(engine, wall_clock_ms())
+        return engine
+    except (SQLAlchemyError, OSError, ImportError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    if engine is not None:
+        engine.dispose()
+    raise ConfigError(f"--database-url {shown}: {reason}")
 
 
 def read_password(args: argparse.Namespace) -> str:
@@ -204,14 +283,13 @@ def users_command(args: argparse.Namespace) -> int:
     if args.name in SERVICE_ACCOUNTS:
         print(f"{args.name} saved in {path} (a service account: not registered as a chat user)")
         return 0
-    engine = make_engine(args.database_url)
-    init_db(engine, wall_clock_ms())
+    engine = open_database(args.database_url)
     with SqlUnitOfWork(engine).transaction() as store:
         existing = store.get_user(args.name)
         display_name = args.display_name or (existing.display_name if existing else None)
         store.save_user(User(args.name, display_name, existing.created_ms if existing else wall_clock_ms()))
     engine.dispose()
-    print(f"{args.name} saved in {path} and registered in {args.database_url}")
+    print(f"{args.name} saved in {path} and registered in {redacted(args.database_url)}")
     return 0
 
 
@@ -219,11 +297,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     parse_listen(args.listen)
     try:
         grace = float(args.session_grace)
+        summary = float(args.log_summary)
         rate, burst = float(args.rate_limit), int(args.rate_burst)
         cost, cost_burst, cost_total = float(args.cost_limit), int(args.cost_burst), float(args.cost_total)
     except ValueError:
         raise ConfigError(
-            "--session-grace, --rate-limit, --cost-limit and --cost-total take numbers, "
+            "--session-grace, --log-summary, --rate-limit, --cost-limit and --cost-total take numbers, "
             "--rate-burst and --cost-burst whole numbers"
         ) from None
     if cost < 0 or cost_burst < 1 or cost_total <= 0:
@@ -256,13 +335,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         presence=args.presence,
         max_event=max_event,
         http_listen=http_listen,
+        log_summary=summary,
     )
     settings.broker()  # validates the URL
+    check_database_url(settings.database_url)
     return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -290,8 +371,7 @@ def build_bridge(
     metrics: Metrics | None = None,
     health: Health | None = None,
 ) -> MqttBridge:
-    engine = make_engine(settings.database_url, background_checkpoints=True)
-    init_db(engine, wall_clock_ms())
+    engine = open_database(settings.database_url, background_checkpoints=True)
     service = Service(
         SqlUnitOfWork(engine),
         epoch=new_id("e"),
@@ -321,6 +401,13 @@ def build_bridge(
     )
 
 
+def redacted(url: str) -> str:
+    """The database URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def settle_memory() -> None:
     """Moves everything allocated so far (modules, SQLAlchemy, pydantic) out of the garbage collector's
     sight: its full collections otherwise walked all of it and stalled the bridge for 30-40 ms now and
@@ -336,6 +423,9 @@ class Monitoring:
         self.metrics = Metrics()
         probe = database_probe(settings.database_url)
         self.health = Health(self.metrics, probe, broker=str(settings.broker()))
+        self.summary = Summary(
+            self.metrics, settings.log_summary, lambda: self.health.probe_database().sessions_active
+        )
         self.http: HttpServer | None = None
         if settings.http_listen:
             host, port = parse_listen(settings.http_listen, "--http-listen")
@@ -347,10 +437,12 @@ class Monitoring:
                 ) from None
 
     def start(self) -> None:
+        self.summary.start()
         if self.http:
             self.http.start()
 
     def stop(self) -> None:
+        self.summary.stop()
         if self.http:
             self.http.stop()
         self.health.close()
@@ -371,7 +463,9 @@ def serve(settings: Settings) -> int:
             settle_memory()
             monitoring.start()
             bridge.start()
-            log.info("using the broker at %s; database %s", settings.broker(), settings.database_url)
+            log.info(
+                "using the broker at %s; database %s", settings.broker(), redacted(settings.database_url)
+            )
             stop.wait()
             log.info("shutting down")
             bridge.stop()
@@ -389,17 +483,24 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         security = Security(Path(settings.password_file), secret, settings.topic_prefix)
         address = BrokerAddress(settings.broker().host, port, BRIDGE_ACCOUNT, secret)
     guard = flood_guard_for(settings.rate_limit, settings.rate_burst)
-    # before the database: a busy port fails fast
+    # A busy port fails fast, before the database is touched; a bad database fails before the broker
+    # starts (nothing to stop then).
+    check_port_free(host, port)
+    open_database(settings.database_url).dispose()
     broker = await start_broker(host, port, security, prefix=settings.topic_prefix, guard=guard)
     # Commands still come over MQTT (an ordinary subscription, acknowledged after commit); events go
     # straight into the broker.
-    bridge = build_bridge(
-        settings,
-        address,
-        InProcessPublisher(broker, asyncio.get_running_loop()),
-        metrics=monitoring.metrics,
-        health=monitoring.health,
-    )
+    try:
+        bridge = build_bridge(
+            settings,
+            address,
+            InProcessPublisher(broker, asyncio.get_running_loop()),
+            metrics=monitoring.metrics,
+            health=monitoring.health,
+        )
+    except BaseException:
+        await broker.shutdown()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -412,7 +513,7 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         host,
         port,
         f"accounts from {settings.password_file}" if security else "anonymous, no access control",
-        settings.database_url,
+        redacted(settings.database_url),
     )
     await stop.wait()
     log.info("shutting down")

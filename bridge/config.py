@@ -78,6 +78,7 @@ class Settings:
     presence: str = "broadcast"  # or "retained": presence only in the retained presence topics
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
     http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off
+    log_summary: float = 60.0  # seconds between throughput lines in the log; 0: none
 
     def broker(self) -> BrokerAddress:
         if self.broker_url:

@@ -95,6 +95,21 @@ class Metrics:
             f"{PREFIX}_database_up", "1 when the last database probe succeeded.", registry=r
         )
 
+    def totals(self) -> dict[str, float]:
+        """Running totals over all labels, for the log's throughput summary."""
+        out = {"commands": 0.0, "errors": 0.0, "events": 0.0}
+        for metric in self.commands.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    out["commands"] += sample.value
+                    if sample.labels.get("outcome") != "ok":
+                        out["errors"] += sample.value
+        for metric in self.events_published.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    out["events"] += sample.value
+        return out
+
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format."""
         return generate_latest(self.registry)
@@ -166,6 +181,42 @@ def database_probe(url: str, timeout: float = 2.0) -> Callable[[], Probe]:
         return Probe(True, None, int(row[0]), int(row[1]))
 
     return probe_sql
+
+
+class Summary:
+    """Logs what the bridge did every `every` seconds (INFO; nothing when it was idle)."""
+
+    def __init__(self, metrics: Metrics, every: float, sessions: Callable[[], int | None]) -> None:
+        self.metrics = metrics
+        self.every = every
+        self.sessions = sessions
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="summary", daemon=True)
+
+    def start(self) -> None:
+        if self.every > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        last = self.metrics.totals()
+        while not self._stop.wait(self.every):
+            now = self.metrics.totals()
+            done = {key: now[key] - last[key] for key in now}
+            last = now
+            if any(done.values()):
+                log.info(
+                    "last %gs: %d commands (%.1f/s, %d answered with an error), %d events published; "
+                    "%s sessions active",
+                    self.every,
+                    done["commands"],
+                    done["commands"] / self.every,
+                    done["errors"],
+                    done["events"],
+                    self.sessions(),
+                )
 
 
 class Health:

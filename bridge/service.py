@@ -307,6 +307,12 @@ class Service:
             cmd = parse(item, self.max_payload)
             request_id = cmd.request_id
             out = self._apply(store, item.user_id, cmd)
+            if isinstance(cmd, p.Connect):
+                log.info("%s connected (session %s)", item.user_id, cmd.session_id)
+            elif isinstance(cmd, p.Disconnect):
+                log.info(
+                    "%s disconnected (session %s, %s)", item.user_id, cmd.session_id, cmd.reason or "client"
+                )
         except ChatError as exc:
             outcome = exc.code
             if request_id is None and not isinstance(exc, PayloadTooLarge):

@@ -62,6 +62,9 @@ class Mosquitto:
                 out.append(f"{key} {replace[key]}")
             elif key != "user":
                 out.append(line)
+        # a replaced key the config does not name (e.g. persistence_location in dev.conf) is added
+        named = {line.split(" ", 1)[0] for line in conf.read_text().splitlines()}
+        out.extend(f"{key} {value}" for key, value in replace.items() if key not in named)
         out.extend(extra)
         if os.geteuid() == 0:
             out.insert(
