@@ -1,0 +1,193 @@
+"""`chat-bridge serve` as a child process, ready when its retained bridge/status says online."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from ..client import Client
+
+
+class BridgeStartError(RuntimeError):
+    """The bridge exited or did not come online in time (the message carries its output)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_online(
+    host: str,
+    port: int,
+    *,
+    prefix: str = "chat/v1",
+    not_epoch: str | None = None,
+    timeout: float = 30,
+    username: str | None = None,
+    password: str | None = None,
+) -> str:
+    """Waits until the bridge's retained status is online with an epoch other than `not_epoch`;
+    returns the epoch. Raises TimeoutError."""
+    online = threading.Event()
+    epoch: list[str] = []
+    mqtt = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"chat-bridge-probe-{os.getpid()}-{port}-{id(online)}"
+    )
+    if username is not None:
+        mqtt.username_pw_set(username, password)
+
+    def on_connect(c: paho.Client, *_: Any) -> None:
+        c.subscribe(f"{prefix}/bridge/status", 1)
+
+    def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        with contextlib.suppress(ValueError):
+            status = json.loads(msg.payload)
+            if status.get("status") == "online" and status.get("epoch") not in (None, not_epoch):
+                epoch.append(status["epoch"])
+                online.set()
+
+    mqtt.on_connect = on_connect
+    mqtt.on_message = on_message
+    deadline = time.monotonic() + timeout
+    try:
+        while True:  # the broker itself may not be listening yet
+            try:
+                mqtt.connect(host, port, keepalive=10)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no MQTT broker on {host}:{port}") from None
+                time.sleep(0.1)
+        mqtt.loop_start()
+        if not online.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"the bridge on {host}:{port} did not come online within {timeout:g} s")
+        return epoch[0]
+    finally:
+        mqtt.loop_stop()
+        mqtt.disconnect()
+
+
+@functools.cache
+def _serve_options() -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--help"], capture_output=True, text=True, check=False
+    )
+    return out.stdout
+
+
+class BridgeProcess:
+    """`chat-bridge serve` in a child process.
+
+    Without `broker_url` it runs the embedded broker on a free loopback port (`port`); with one, it
+    uses that broker and clients connect there. The database is a SQLite file in `workdir` unless
+    `database_url` is given. Its HTTP and WebSockets listeners are off. `client(user)` makes SDK
+    clients for it; `restart()` stops it and starts it again on the same port and database.
+    """
+
+    def __init__(
+        self,
+        workdir: Path | str,
+        *,
+        broker_url: str | None = None,
+        database_url: str | None = None,
+        prefix: str = "chat/v1",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.broker_url = broker_url
+        self.database_url = database_url or f"sqlite:///{self.workdir / 'chat-bridge.sqlite3'}"
+        self.prefix = prefix
+        self.extra_args = extra_args
+        if broker_url:
+            parts = urlsplit(broker_url)
+            self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 1883
+        else:
+            self.host, self.port = "127.0.0.1", free_port()
+        self.epoch: str | None = None
+        self.log_path = self.workdir / "chat-bridge.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "bridge", "serve", "--database-url", self.database_url]
+        cmd += ["--topic-prefix", self.prefix]
+        if self.broker_url:
+            cmd += ["--broker-url", self.broker_url]
+        else:
+            cmd += ["--listen", f"{self.host}:{self.port}"]
+        for option in ("--http-listen", "--ws-listen"):  # their default ports would collide
+            if option in _serve_options() and option not in self.extra_args:
+                cmd += [option, "off"]
+        return [*cmd, *self.extra_args]
+
+    def start(self, timeout: float = 30) -> BridgeProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_BRIDGE_")}
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise BridgeStartError(f"chat-bridge serve exited ({self._proc.returncode}):\n{self.log()}")
+            try:
+                self.epoch = wait_online(
+                    self.host, self.port, prefix=self.prefix, not_epoch=self.epoch, timeout=min(2.0, timeout)
+                )
+                return self
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise BridgeStartError(f"chat-bridge serve did not come online:\n{self.log()}") from None
+
+    def stop(self, timeout: float = 15) -> None:
+        """A graceful stop (SIGTERM), killed if it takes longer than `timeout`."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, no goodbye."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5)
+        self._proc = None
+
+    def restart(self, timeout: float = 30) -> BridgeProcess:
+        self.stop()
+        return self.start(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self, user: str, **options: Any) -> Client:
+        """An SDK client for this bridge (not connected yet: `connect()` or `with`)."""
+        options.setdefault("prefix", self.prefix)
+        return Client(user, self.host, self.port, **options)
+
+    def __enter__(self) -> BridgeProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -1,0 +1,83 @@
+"""chat_bridge.testing as a user meets it: the pytest plugin (by its entry point) and BridgeProcess."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Mosquitto
+
+from chat_bridge import errors
+from chat_bridge.testing import BridgeProcess
+
+DOCS = ROOT / "docs" / "sdk-python.md"
+
+
+def documented(marker: str) -> str:
+    match = re.search(re.escape(marker) + r"\n```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert match, f"no python block after {marker} in {DOCS}"
+    return match.group(1)
+
+
+def run_pytest(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    test = tmp_path / "users_project" / "test_users_code.py"
+    test.parent.mkdir()
+    test.write_text(code)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), *args],
+        cwd=test.parent,  # outside this repository: no conftest of ours
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_documented_plugin_example_passes_in_a_project_of_its_own(tmp_path: Path) -> None:
+    code = documented("<!-- plugin example -->")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 10
+    result = run_pytest(tmp_path, code)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def test_a_failing_user_test_fails(tmp_path: Path) -> None:
+    code = (
+        "def test_wrong(chat_client):\n"
+        "    alice = chat_client('alice')\n"
+        "    alice.send_message('global', 'hi')\n"
+        "    assert alice.get_messages('global')['messages'][-1]['body'] == 'bye'\n"
+    )
+    result = run_pytest(tmp_path, code)
+    assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout
+
+
+def test_the_plugin_runs_the_bridge_against_a_given_broker(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    code = (
+        "def test_via_mosquitto(chat_bridge_server, chat_client):\n"
+        f"    assert chat_bridge_server.port == {mosquitto.port} and chat_bridge_server.broker_url\n"
+        "    bob = chat_client('bob')\n"
+        "    assert chat_client('alice').create_direct('bob')['participants'] == ['alice', 'bob']\n"
+        "    assert bob.wait_for('conversation-created').request_id is None\n"
+    )
+    result = run_pytest(tmp_path, code, f"--chat-bridge-broker-url=mqtt://127.0.0.1:{mosquitto.port}")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bridge_process_restart_keeps_the_data_and_changes_the_epoch(tmp_path: Path) -> None:
+    with BridgeProcess(tmp_path) as bridge:
+        first = bridge.epoch
+        with bridge.client("alice") as alice:
+            alice.send_message("global", "kept")
+            before = alice.session_id
+            bridge.restart()
+            assert bridge.epoch != first
+            # the embedded broker went too: reconnected, with a new session, announced again
+            alice.wait_for("connected", lambda e: e.data["session_id"] != before, timeout=20)
+            assert [m["body"] for m in alice.get_messages("global")["messages"]] == ["kept"]
+            with pytest.raises(errors.NotFound):
+                alice.get_participants("c_none")
+    assert "Traceback" not in bridge.log()
