@@ -16,6 +16,7 @@ from tcpproxy import Proxy
 
 from chat_bridge import errors
 from chat_bridge.client import AsyncClient, Client
+from chat_bridge.types import Message
 
 
 @pytest.fixture
@@ -201,3 +202,73 @@ def test_the_async_client(embedded_bridge: int) -> None:
             assert all(p["messages"][0]["body"] == "async hello" for p in pages)
 
     asyncio.run(main())
+
+
+def skip_unless_1_1(message: Message) -> None:
+    if "rev" not in message:
+        pytest.skip("this bridge speaks protocol 1.0 (messages have no rev)")
+
+
+def test_the_1_1_commands(embedded_bridge: int) -> None:
+    with Client("alice", port=embedded_bridge) as alice, Client("bob", port=embedded_bridge) as bob:
+        conv = alice.create_group(["bob"], "team")
+        cid = conv["conversation_id"]
+        first = alice.send_message(cid, "the quick brown fox")
+        skip_unless_1_1(first)
+        assert first["rev"] == 1 and first["reactions"] == {}
+        marker = bob.mark_read(cid, first["seq"])
+        assert marker == {"conversation_id": cid, "user_id": "bob", "read_seq": 1}
+        assert alice.wait_for("read-marker").data["user_id"] == "bob"
+        bob.typing(cid)
+        assert alice.wait_for("typing").data == {"conversation_id": cid, "user_id": "bob", "typing": True}
+        bob.typing("global")  # refused; typing waits for no answer, so the error comes as an event
+        refusal = bob.wait_for("error")
+        assert (refusal.data["code"], refusal.data["command"]) == ("forbidden", "typing")
+        edited = alice.edit_message(first["message_id"], "the quick red fox")
+        assert edited["edited_at"] and edited["rev"] == 2
+        assert bob.wait_for("message-edited").message == edited
+        with pytest.raises(errors.Forbidden):
+            bob.edit_message(first["message_id"], "not mine")
+        change = bob.react(first["message_id"], "👍")
+        assert change["on"] and change["message"]["reactions"] == {"👍": ["bob"]}
+        found = bob.search_messages("red fox")
+        assert [m["message_id"] for m in found["messages"]] == [first["message_id"]] and found[
+            "query"
+        ] == "red fox"
+        gone = alice.delete_message(first["message_id"])
+        assert gone["deleted_at"] and gone["body"] == ""
+        with pytest.raises(errors.NotFound):
+            alice.edit_message(first["message_id"], "back?")
+        assert bob.search_messages("fox")["messages"] == []
+
+
+def test_catch_up_by_since_rev_sees_edits_deletions_and_reactions(mosquitto: Mosquitto, db: str) -> None:
+    proxy = Proxy("127.0.0.1", mosquitto.port)
+    with running_bridge(mosquitto.port, db), Client("bob", port=mosquitto.port) as bob:
+        alice = Client("alice", port=proxy.port)
+        alice.connect()
+        conv = bob.create_group(["alice"], "revs")
+        cid = conv["conversation_id"]
+        alice.wait_for("conversation-created", lambda e: e.conversation_id == cid)
+        kept, edited, deleted, reacted = (bob.send_message(cid, f"message {n}") for n in range(4))
+        skip_unless_1_1(kept)
+        alice.wait_for("message-added", lambda e: e.message is not None and e.message["seq"] == 4)
+        assert alice.cursors[cid].rev == 4
+        proxy.cut()
+        bob.wait_for("user-disconnected", lambda e: e.data["user_id"] == "alice")
+        bob.edit_message(edited["message_id"], "message 1, edited")
+        bob.delete_message(deleted["message_id"])
+        bob.react(reacted["message_id"], "🎉")
+        new = bob.send_message(cid, "message 4")
+        proxy.restore()
+        caught = [alice.wait_for(match=lambda e: e.catch_up, timeout=15) for _ in range(4)]
+        by_id = {e.message["message_id"]: e for e in caught if e.message}
+        assert by_id[edited["message_id"]].type == "message-updated"
+        assert by_id[edited["message_id"]].message["body"] == "message 1, edited"  # type: ignore[index]
+        assert by_id[deleted["message_id"]].message["deleted_at"]  # type: ignore[index]
+        assert by_id[reacted["message_id"]].message["reactions"] == {"🎉": ["bob"]}  # type: ignore[index]
+        assert by_id[new["message_id"]].type == "message-added"
+        assert kept["message_id"] not in by_id
+        assert alice.cursors[cid].rev == 8 and alice.cursors[cid].seq == 5
+        alice.close()
+    proxy.close()
