@@ -85,12 +85,13 @@ def test_two_people_chat_in_terminals(terminals: dict[str, Terminal], bridge_por
         direct = carol.create_direct("alice")
         for n in range(1, 26):
             carol.send_message(direct["conversation_id"], f"old message {n}")
-    alice.type("/open @carol")
-    screen = alice.wait_for("old message 25")
-    assert "old message 5" not in screen
+    alice.type("/open @carol")  # (carol's messages were also announced as they came: "[@carol] carol: ...")
+    alice.wait_for("@carol: 20 latest messages")
+    screen = alice.wait_for("#25 carol: old message 25")
+    assert "#6 carol: old message 6" in screen and "#5 carol" not in screen
     alice.type("/history")
     alice.wait_for("5 older messages")
-    assert "old message 1" in alice.screen()
+    alice.wait_for("#1 carol: old message 1")
     alice.type("/who")
     alice.wait_for("online: ")
     alice.type("/nonsense")
