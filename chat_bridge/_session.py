@@ -254,8 +254,10 @@ class ChatSession:
                 self._snapshot = {cid: Cursor(c.seq, c.rev) for cid, c in self.cursors.items()}
         self.mqtt.subscribe([(self.inbox_topic, 1), (self.status_topic, 1)])
 
-    def _on_disconnect(self, *_: Any) -> None:
+    def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any = None, _props: Any = None) -> None:
         self._ready.clear()
+        if not self._closed:  # paho reconnects by itself; tell the application meanwhile
+            self.deliver(Event("connection-lost", {"reason": str(reason)}))
 
     def _on_subscribe(self, *_: Any) -> None:
         self._announce()

@@ -212,7 +212,7 @@ class ChatApp:
         if conv is None or conv["conversation_id"] in self.conversations:
             return
         self.conversations[conv["conversation_id"]] = conv
-        if conv["owner_id"] != self.me or event.request_id is None:
+        if event.request_id is None:  # not the answer to our own create
             self.note(f"new conversation {label(conv, self.me)} ({conv['kind']}); /list to see it")
 
     def ev_conversation_removed(self, event: Event) -> None:
@@ -261,7 +261,7 @@ class ChatApp:
             self.typing.pop(user, None)
 
     def ev_connected(self, event: Event) -> None:
-        if self.status != "online" and self.conversations:
+        if self.status != "online" and self.status != "connecting":
             self.note("connected again")
         self.status = "online"
         for conv in event.data.get("conversations", []):
@@ -269,11 +269,16 @@ class ChatApp:
             if conv.get("unread"):
                 self.unread[conv["conversation_id"]] = conv["unread"]
 
+    def ev_connection_lost(self, _event: Event) -> None:
+        if self.status != "reconnecting":
+            self.status = "reconnecting"
+            self.note("connection lost; reconnecting")
+
     def ev_bridge_status(self, event: Event) -> None:
         if event.data.get("status") == "offline" and self.status == "online":
             self.status = "bridge offline"
             self.note("the bridge went offline; waiting for it")
-        elif event.data.get("status") == "online":
+        elif event.data.get("status") == "online" and self.status == "bridge offline":
             self.status = "online"
 
     def ev_error(self, event: Event) -> None:

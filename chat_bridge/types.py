@@ -85,6 +85,8 @@ class Event:
 
     `type` is the protocol's event type, or one of the SDK's own:
     `bridge-status` (the retained bridge/status changed: `data` is its payload),
+    `connection-lost` (the MQTT connection dropped; the client reconnects by itself and then
+    delivers `connected` again),
     `message-updated` (catch-up found a message that changed while we were away).
     `catch_up` is true on events the SDK made from `get-messages` after a reconnect.
     """

@@ -52,6 +52,7 @@ def test_every_connection_has_a_new_session_and_a_will_naming_it() -> None:
     assert mqtt.wills == [{"session_id": first, "reason": "lost"}]
     assert [c["session_id"] for c in mqtt.commands("connect")] == [first]
     mqtt.drop()
+    assert client.wait_for("connection-lost", timeout=1).data["reason"] == "lost"
     mqtt.reconnect()
     second = client.session_id
     assert second != first
