@@ -388,7 +388,18 @@ def _statements(dialect: str) -> dict[str, tuple[ClauseElement, list[str] | None
             None,
         ),
         # SQLite's FTS5 rows (no-ops on PostgreSQL, whose index follows the column)
-        "insert_search_row": (text("INSERT INTO message_search(words) VALUES (:words)"), None),
+        # The FTS5 rowid orders search results: created_ms * 4096 + the order of insertion within that
+        # millisecond, so that the newest first is a backwards walk of the index that stops at the limit.
+        "insert_search_row": (
+            text(
+                "INSERT INTO message_search(rowid, words) VALUES (coalesce((SELECT max(rowid) + 1 FROM "
+                "message_search WHERE rowid BETWEEN :lo AND :lo + 4095), :lo), :words)"
+            ),
+            None,
+        ),
+        "search_rowid_of": (select(messages.c.search_rowid).where(messages.c.message_id == b("mid")), None),
+        "update_search_row": (text("UPDATE message_search SET words = :words WHERE rowid = :rowid"), None),
+        "delete_search_row_by_id": (text("DELETE FROM message_search WHERE rowid = :rowid"), None),
         "delete_search_row": (
             text(
                 "DELETE FROM message_search WHERE rowid = "
@@ -717,7 +728,7 @@ class SqlStore:
         found = _search_text(message)
         if found is None:
             return None
-        return int(self._exec("insert_search_row", words=found).lastrowid)
+        return int(self._exec("insert_search_row", words=found, lo=message.created_ms << 12).lastrowid)
 
     def add_message(self, message: Message) -> None:
         # No savepoint of its own: a Conflict always unwinds through the command's savepoint (atomic()).
@@ -749,9 +760,20 @@ class SqlStore:
         if self._pg:
             self._exec("update_message_search", mid=message.message_id, words=_search_text(message))
         else:
-            self._exec("delete_search_row", mid=message.message_id)
-            rowid = self._search_row(message)
-            self._exec("update_message_search", mid=message.message_id, search_rowid=rowid)
+            self._reindex(message)
+
+    def _reindex(self, message: Message) -> None:
+        """SQLite: the message's FTS5 row follows its words, keeping its place (rowid) in the order."""
+        row = self._exec("search_rowid_of", mid=message.message_id).fetchone()
+        rowid, found = (row[0] if row else None), _search_text(message)
+        if rowid is not None and found is not None:
+            self._exec("update_search_row", rowid=rowid, words=found)
+        elif rowid is not None:
+            self._exec("delete_search_row_by_id", rowid=rowid)
+            self._exec("update_message_search", mid=message.message_id, search_rowid=None)
+        elif found is not None:
+            new = self._search_row(message)
+            self._exec("update_message_search", mid=message.message_id, search_rowid=new)
 
     def get_message(self, message_id: str) -> Message | None:
         return _msg(self._exec("get_message", mid=message_id).fetchone())
@@ -795,17 +817,11 @@ class SqlStore:
     ) -> list[Message]:
         if not conversation_ids or not query_words:
             return []
-        if self._pg:
-            matches = messages.c.search_vector.op("@@")(
-                func.plainto_tsquery(SIMPLE, bindparam("q", " ".join(query_words)))
-            )
-        else:
-            fts = " ".join(f'"{w}"' for w in query_words)  # words are letters and digits: nothing to escape
-            matches = messages.c.search_rowid.in_(
-                select(literal_column("rowid"))
-                .select_from(text("message_search"))
-                .where(text("message_search MATCH :q").bindparams(q=fts))
-            )
+        if not self._pg:
+            return self._search_fts5(conversation_ids, query_words, before, limit)
+        matches = messages.c.search_vector.op("@@")(
+            func.plainto_tsquery(SIMPLE, bindparam("q", " ".join(query_words)))
+        )
         stmt = select(*_MSG_COLS).where(
             matches,
             messages.c.conversation_id.in_(set(conversation_ids)),
@@ -819,6 +835,31 @@ class SqlStore:
         stmt = stmt.order_by(messages.c.created_ms.desc(), messages.c.message_id.desc()).limit(
             bindparam("lim", limit)
         )
+        return [m for r in self._core(stmt).fetchall() if (m := _msg(r)) is not None]
+
+    def _search_fts5(
+        self, conversation_ids: Sequence[str], query_words: Sequence[str], before: Message | None, limit: int
+    ) -> list[Message]:
+        """Walks the FTS5 matches from the newest (highest rowid: see insert_search_row) and stops at
+        the limit: the FTS table drives the join (CROSS JOIN), each match one lookup in messages. Ties
+        within a millisecond come in the order they were stored."""
+        fts = " ".join(f'"{w}"' for w in query_words)  # words are letters and digits: nothing to escape
+        columns = ", ".join(f"m.{name}" for name in _MSG_FIELDS)
+        older = ""
+        params: dict[str, Any] = {"q": fts, "lim": limit, "cids": sorted(set(conversation_ids))}
+        if before is not None:
+            older = (
+                "AND message_search.rowid < (SELECT coalesce(search_rowid, created_ms * 4096) "
+                "FROM messages WHERE message_id = :before)"
+            )
+            params["before"] = before.message_id
+        stmt = text(
+            f"SELECT {columns} FROM message_search CROSS JOIN messages AS m "
+            "ON m.search_rowid = message_search.rowid "
+            f"WHERE message_search MATCH :q AND m.conversation_id IN :cids AND m.deleted_ms IS NULL {older} "
+            "ORDER BY message_search.rowid DESC LIMIT :lim"
+        ).bindparams(bindparam("cids", expanding=True), **{k: v for k, v in params.items() if k != "cids"})
+        stmt = stmt.bindparams(cids=params["cids"])
         return [m for r in self._core(stmt).fetchall() if (m := _msg(r)) is not None]
 
     # read markers

@@ -62,15 +62,16 @@ def _index_existing(bind: sa.engine.Connection, pg: bool) -> None:
     while True:
         rows = bind.execute(
             sa.text(
-                "SELECT message_id, body FROM messages WHERE message_id > :last ORDER BY message_id LIMIT :n"
+                "SELECT message_id, body, created_ms FROM messages WHERE message_id > :last "
+                "ORDER BY message_id LIMIT :n"
             ),
             {"last": last, "n": CHUNK},
         ).all()
         if not rows:
             return
         last = rows[-1][0]
-        found = [(mid, " ".join(words(body))) for mid, body in rows]
-        found = [(mid, text) for mid, text in found if text]
+        found = [(mid, " ".join(words(body)), ms) for mid, body, ms in rows]
+        found = [(mid, text, ms) for mid, text, ms in found if text]
         if pg:
             if found:
                 bind.execute(
@@ -78,12 +79,16 @@ def _index_existing(bind: sa.engine.Connection, pg: bool) -> None:
                         "UPDATE messages SET search_vector = to_tsvector('simple'::regconfig, :words) "
                         "WHERE message_id = :mid"
                     ),
-                    [{"mid": mid, "words": text} for mid, text in found],
+                    [{"mid": mid, "words": text} for mid, text, _ in found],
                 )
             continue
-        for mid, text in found:
+        for mid, text, ms in found:  # rowid: created_ms * 4096 + order within the millisecond (as bridge.sql)
             rowid = bind.execute(
-                sa.text("INSERT INTO message_search(words) VALUES (:words)"), {"words": text}
+                sa.text(
+                    "INSERT INTO message_search(rowid, words) VALUES (coalesce((SELECT max(rowid) + 1 FROM "
+                    "message_search WHERE rowid BETWEEN :lo AND :lo + 4095), :lo), :words)"
+                ),
+                {"words": text, "lo": ms << 12},
             ).lastrowid
             bind.execute(
                 sa.text("UPDATE messages SET search_rowid = :r WHERE message_id = :mid"),
