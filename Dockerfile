@@ -4,8 +4,13 @@ WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY bridge ./bridge
 COPY chat_bridge ./chat_bridge
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 bridge
+# uid 10001 is also Mosquitto's in docker/mosquitto.Dockerfile: the password file the bridge's
+# `chat-bridge users` writes (mode 0600) stays readable by the broker.
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 bridge \
+ && mkdir /accounts && chown bridge /accounts
 COPY docker/healthcheck.py /usr/local/bin/chat-bridge-healthcheck
+COPY docker/entrypoint.sh /usr/local/bin/chat-bridge-entrypoint
+COPY docker/wait-for-database.py /usr/local/bin/chat-bridge-wait-for-database
 USER bridge
-ENTRYPOINT ["chat-bridge"]
+ENTRYPOINT ["chat-bridge-entrypoint"]
 CMD ["serve"]

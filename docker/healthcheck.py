@@ -1,22 +1,16 @@
 #!/usr/bin/env python3
-"""Healthy when the bridge's retained status on the broker says online."""
+"""Healthy when the bridge's /healthz answers 200 (connected to its broker and its database)."""
 
-import json
 import os
 import sys
-from urllib.parse import urlsplit
+import urllib.error
+import urllib.request
 
-import paho.mqtt.subscribe as subscribe
-
-url = urlsplit(os.environ["CHAT_BRIDGE_BROKER_URL"])
-prefix = os.environ.get("CHAT_BRIDGE_TOPIC_PREFIX", "chat/v1")
-auth = {"username": url.username, "password": url.password} if url.username else None
-msg = subscribe.simple(
-    f"{prefix}/bridge/status",
-    hostname=url.hostname,
-    port=url.port or 1883,
-    auth=auth,
-    client_id="chat-bridge-healthcheck",
-    keepalive=5,
-)
-sys.exit(0 if json.loads(msg.payload).get("status") == "online" else 1)
+listen = os.environ.get("CHAT_BRIDGE_HTTP_LISTEN", "127.0.0.1:8080")
+port = listen.rsplit(":", 1)[-1]
+try:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        sys.exit(0 if response.status == 200 else 1)
+except (urllib.error.URLError, OSError) as exc:
+    print(f"unhealthy: {exc}", file=sys.stderr)
+    sys.exit(1)

@@ -11,9 +11,14 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends mosquitto netcat-openbsd \
  && rm -rf /var/lib/apt/lists/* \
- && mkdir -p /mosquitto/data /mosquitto/plugins \
- && chown mosquitto:mosquitto /mosquitto/data
-# The shipped config names its files relative to the working directory: run from /.
+ && mkdir -p /mosquitto/data /mosquitto/plugins /mosquitto/accounts \
+ && usermod -u 10001 mosquitto && groupmod -g 10001 mosquitto \
+ && chown mosquitto:mosquitto /mosquitto/data /mosquitto/accounts \
+ && ln -s accounts/passwd /mosquitto/passwd
+# uid 10001 is the bridge image's too: the password file its `chat-bridge users` writes into the
+# shared accounts volume (mode 0600) stays readable here; mosquitto/passwd, which the shipped config
+# names, points into that volume. The shipped config names its files relative to the working
+# directory: run from /.
 COPY --from=plugin /src/chat_flood_guard.so /mosquitto/plugins/chat_flood_guard.so
 WORKDIR /
 EXPOSE 1883 9001
