@@ -150,13 +150,13 @@ static bool accounts_loaded;
 static time_t accounts_read_at;
 static long accounts_count = -1;
 
-static void free_accounts(void)
+static void free_table(struct account **table)
 {
 	int i;
 	for(i = 0; i < TABLE_SIZE; i++){
-		while(accounts[i]){
-			struct account *gone = accounts[i];
-			accounts[i] = gone->next;
+		while(table[i]){
+			struct account *gone = table[i];
+			table[i] = gone->next;
 			OPENSSL_cleanse(gone->remembered, sizeof(gone->remembered));
 			free(gone->user);
 			free(gone->stored);
@@ -165,13 +165,23 @@ static void free_accounts(void)
 	}
 }
 
-static struct account *find_account(const char *user)
+static void free_accounts(void)
+{
+	free_table(accounts);
+}
+
+static struct account *find_in(struct account **table, const char *user)
 {
 	struct account *a;
-	for(a = accounts[hash(user, strlen(user))]; a; a = a->next){
+	for(a = table[hash(user, strlen(user))]; a; a = a->next){
 		if(!strcmp(a->user, user)) return a;
 	}
 	return NULL;
+}
+
+static struct account *find_account(const char *user)
+{
+	return find_in(accounts, user);
 }
 
 /* (Re)reads the password file; on failure keeps what it had (and refuses everyone if it had nothing). */
@@ -183,6 +193,7 @@ static void load_accounts(bool force)
 	size_t cap = 0;
 	ssize_t n;
 	long count = 0;
+	static struct account *previous[TABLE_SIZE];
 
 	if(!password_file) return;
 	if(stat(password_file, &st)){
@@ -203,10 +214,13 @@ static void load_accounts(bool force)
 		mosquitto_log_printf(MOSQ_LOG_ERR, "chat guard: cannot read %s: %s", password_file, strerror(errno));
 		return;
 	}
-	free_accounts();
+	/* The old table stays until the new one is read: a password verified before is still
+	 * remembered when its line has not changed. */
+	memcpy(previous, accounts, sizeof(accounts));
+	memset(accounts, 0, sizeof(accounts));
 	while((n = getline(&line, &cap, f)) > 0){
 		char *colon;
-		struct account *a;
+		struct account *a, *old;
 		unsigned h;
 		while(n > 0 && (line[n-1] == '\n' || line[n-1] == '\r')) line[--n] = '\0';
 		if(n == 0 || line[0] == '#') continue;
@@ -223,11 +237,17 @@ static void load_accounts(bool force)
 			free(a);
 			break;
 		}
+		old = find_in(previous, a->user);
+		if(old && old->cached && !strcmp(old->stored, a->stored)){
+			a->cached = true;
+			memcpy(a->remembered, old->remembered, sizeof(a->remembered));
+		}
 		h = hash(a->user, strlen(a->user));
 		a->next = accounts[h];
 		accounts[h] = a;
 		count++;
 	}
+	free_table(previous);
 	free(line);
 	fclose(f);
 	accounts_stat = st;

@@ -557,3 +557,80 @@ def test_the_persistence_directory_ships_and_a_restart_keeps_retained_and_queued
         bridge.close()
     finally:
         broker.stop()
+
+
+def acl_rule_lines(path: Path) -> list[str]:
+    return [
+        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+
+
+def test_mosquitto_acl_says_what_bridge_topics_says() -> None:
+    from bridge.topics import Topics
+
+    lines = acl_rule_lines(ROOT / "mosquitto" / "acl")
+    # beyond bridge/topics.py: Mosquitto's own drop counter, readable by the bridge's account
+    extra = ["topic read $SYS/broker/publish/messages/dropped"]
+    assert [line for line in lines if line not in extra] == Topics().mosquitto_acl()
+    conf = (ROOT / "mosquitto" / "mosquitto.conf").read_text()
+    assert f"plugin_opt_prefix {Topics().prefix}\n" in conf
+
+
+def test_the_plugin_applies_the_client_id_rule_of_bridge_topics(tmp_path: Path) -> None:
+    from bridge.topics import client_id_allowed
+
+    candidates = [
+        "mallory",
+        "mallory:phone",
+        "mallory:a.b_c-D",
+        "mallory:" + "x" * 64,
+        "mallory:" + "x" * 65,
+        "mallory:",
+        "mallory::x",
+        "mallory:a:b",
+        "mallory:a/b",
+        "mallory:é",
+        "mallory:a b",
+        "mallory\n",
+        "mallorybob",
+        "MALLORY",
+        "bob",
+        "bob:mallory",
+        "chat-bridge",
+        "chat-bridge:mallory",
+        "",
+    ]
+    with shipped(tmp_path) as broker:
+        for client_id in candidates:
+            assert accepted(broker.port, "mallory", client_id) == client_id_allowed("mallory", client_id), (
+                client_id
+            )
+        assert accepted(broker.port, "chat-bridge", "chat-bridge:w1") == client_id_allowed(
+            "chat-bridge", "chat-bridge:w1"
+        )
+
+
+def test_the_plugin_refuses_retained_publishes_where_bridge_topics_does(tmp_path: Path) -> None:
+    """Every topic that bridge/topics.py refuses retained is refused by Mosquitto; what it allows
+    retained (the bridge's presence and status) is kept."""
+    from bridge.topics import COMMAND_NAMES, Topics
+
+    topics = Topics()
+    with shipped(tmp_path) as broker:
+        alice = Raw(broker.port, "alice", "alice:r")
+        for name in COMMAND_NAMES:
+            topic = topics.command("alice", name)
+            assert not topics.allows("alice", topic, "publish", retain=True)
+            assert topics.allows("alice", topic, "publish")
+            alice.client.publish(topic, b"{}", qos=1, retain=True).wait_for_publish(10)
+        alice.close()
+        bridge = Raw(broker.port, "chat-bridge", "chat-bridge:r")
+        for topic in (topics.presence("alice"), topics.status):
+            assert topics.allows("chat-bridge", topic, "publish", retain=True)
+            bridge.client.publish(topic, b'{"kept":1}', qos=1, retain=True).wait_for_publish(10)
+        bridge.subscribe("chat/v1/users/+/commands/#", topics.presence("alice"), topics.status)
+        bridge.wait_for(lambda m: m.topic == topics.status)
+        assert sorted(m.topic for m in bridge.got if m.retain) == sorted(
+            [topics.presence("alice"), topics.status]
+        )
+        bridge.close()
