@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -46,9 +47,9 @@ def wait_online(
     returns the epoch. Raises TimeoutError."""
     online = threading.Event()
     epoch: list[str] = []
-    mqtt = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"chat-bridge-probe-{os.getpid()}-{port}-{id(online)}"
-    )
+    # a client id of the account it uses (the client id rule), or of nobody's where it is anonymous
+    client_id = f"{username or 'chat-probe'}:probe-{secrets.token_hex(6)}"
+    mqtt = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     if username is not None:
         mqtt.username_pw_set(username, password)
 
@@ -115,9 +116,15 @@ class BridgeProcess:
         self.database_url = database_url or f"sqlite:///{self.workdir / 'chat-bridge.sqlite3'}"
         self.prefix = prefix
         self.extra_args = extra_args
+        self._probe: tuple[str | None, str | None] = (None, None)
         if broker_url:
             parts = urlsplit(broker_url)
             self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 1883
+            # readiness is read with the bridge's own account, where the broker has accounts
+            self._probe = (
+                unquote(parts.username) if parts.username else None,
+                unquote(parts.password) if parts.password else None,
+            )
         else:
             self.host, self.port = "127.0.0.1", free_port()
         self.epoch: str | None = None
@@ -147,7 +154,13 @@ class BridgeProcess:
                 raise BridgeStartError(f"chat-bridge serve exited ({self._proc.returncode}):\n{self.log()}")
             try:
                 self.epoch = wait_online(
-                    self.host, self.port, prefix=self.prefix, not_epoch=self.epoch, timeout=min(2.0, timeout)
+                    self.host,
+                    self.port,
+                    prefix=self.prefix,
+                    not_epoch=self.epoch,
+                    timeout=min(2.0, timeout),
+                    username=self._probe[0],
+                    password=self._probe[1],
                 )
                 return self
             except TimeoutError:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Mosquitto
+from conftest import ACCOUNTS, ROOT, Mosquitto
 
 from chat_bridge import errors
 from chat_bridge.testing import BridgeProcess
@@ -81,3 +81,23 @@ def test_bridge_process_restart_keeps_the_data_and_changes_the_epoch(tmp_path: P
             with pytest.raises(errors.NotFound):
                 alice.get_participants("c_none")
     assert "online" in bridge.log()
+
+
+def test_the_plugin_against_mosquitto_with_accounts(
+    tmp_path: Path, secure_mosquitto: tuple[Mosquitto, Path]
+) -> None:
+    broker, _ = secure_mosquitto
+    code = (
+        "import pytest\n"
+        "from chat_bridge import ConnectionFailed\n\n"
+        "def test_with_accounts(chat_client):\n"
+        "    alice = chat_client('alice', password='alice-pw')\n"
+        "    bob = chat_client('bob', password='bob-pw', device='phone')\n"
+        "    alice.send_message(alice.create_direct('bob')['conversation_id'], 'hi')\n"
+        "    assert bob.wait_for('message-added').message['body'] == 'hi'\n"
+        "    with pytest.raises(ConnectionFailed):\n"
+        "        chat_client('mallory', password='wrong')\n"
+    )
+    url = f"mqtt://chat-bridge:{ACCOUNTS['chat-bridge']}@127.0.0.1:{broker.port}"
+    result = run_pytest(tmp_path, code, f"--chat-bridge-broker-url={url}")
+    assert result.returncode == 0, result.stdout + result.stderr
