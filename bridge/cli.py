@@ -95,11 +95,11 @@ OPTIONS = (
         "events per second a user's commands may cause on average (a message to 100 people is 100); "
         "0: no cost budget",
     ),
-    ("--cost-burst", "CHAT_BRIDGE_COST_BURST", "2000", "how many events a user's commands may cause at once"),
+    ("--cost-burst", "CHAT_BRIDGE_COST_BURST", "500", "how many events a user's commands may cause at once"),
     (
         "--cost-total",
         "CHAT_BRIDGE_COST_TOTAL",
-        "5000",
+        "4000",
         "events per second of all users together; beyond it, users who spent little come first",
     ),
     (

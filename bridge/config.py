@@ -73,8 +73,8 @@ class Settings:
     rate_limit: float = 50.0  # commands per second per user; 0 turns the limit off
     rate_burst: int = 200
     cost_limit: float = 500.0  # events per second a user's commands may cause; 0 turns the budget off
-    cost_burst: int = 2000
-    cost_total: float = 5000.0  # events per second of all users; past it, light users come first
+    cost_burst: int = 500
+    cost_total: float = 4000.0  # events per second of all users; past it, light users come first
     presence: str = "broadcast"  # or "retained": presence only in the retained presence topics
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
     http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off

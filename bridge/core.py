@@ -203,6 +203,12 @@ def ensure_user(ctx: Context, display_name: str | None = None) -> User:
     which the broker guards)."""
     user = ctx.store.get_user(ctx.sender)
     if user is None:
+        twins = [u for u in ctx.store.user_ids_ignoring_case(ctx.sender) if u != ctx.sender]
+        if twins:  # `ALICE` beside `alice` would pass for her everywhere a name is shown
+            raise Forbidden(
+                f"user id {ctx.sender} differs from the existing user {twins[0]} only in case; "
+                "it cannot be registered"
+            )
         user = User(ctx.sender, display_name, ctx.now_ms)
         ctx.store.save_user(user)
     elif display_name is not None and display_name != user.display_name:

@@ -71,9 +71,13 @@ class CostBudget:
     """What a user's commands cost: the events they cause (a message to 100 people costs 100), at
     `rate` per second on average in bursts of `burst`, charged after each command ran. A user in debt
     is refused until it is paid. All users together share a bridge-wide `total` per second: while
-    that is spent, users who spent over half their own burst recently wait too, so that light users
-    (a person chatting) are served first however many heavy accounts there are. Time comes from the
-    caller; safe to use from two threads."""
+    that is spent, only light users (whose commands caused under a tenth of `rate` over about the
+    last second, their last command's cost included: a person chatting) are served, and heavy ones
+    share what the total allows, so that however many heavy accounts there are, the bridge is not
+    swamped and people come first. Time comes from the caller; safe to use from two threads."""
+
+    LIGHT = 0.1  # of `rate`: under it, a user is served even while the bridge-wide budget is spent
+    WINDOW_MS = 1000  # the time constant of each user's recent spending
 
     def __init__(self, rate: float, burst: int, total: float, max_tracked: int = 100_000) -> None:
         if rate <= 0 or burst < 1 or total <= 0:
@@ -81,6 +85,8 @@ class CostBudget:
         self.rate, self.burst, self.total = rate, float(burst), total
         self.max_tracked = max_tracked
         self._users: dict[str, _Bucket] = {}
+        self._spent: dict[str, _Bucket] = {}  # recent spending, decaying with WINDOW_MS
+        self._last: dict[str, int] = {}  # the cost of each user's last command: what the next may cost
         self._all = _Bucket(total, 0)
         self._lock = threading.Lock()
 
@@ -88,31 +94,42 @@ class CostBudget:
         bucket.tokens = min(cap, bucket.tokens + max(0, now_ms - bucket.at_ms) / 1000 * rate)
         bucket.at_ms = max(bucket.at_ms, now_ms)
 
-    def _user(self, user_id: str, now_ms: int) -> _Bucket:
+    def _user(self, user_id: str, now_ms: int) -> tuple[_Bucket, _Bucket]:
         bucket = self._users.get(user_id)
         if bucket is None:
             if len(self._users) >= self.max_tracked:
-                full_after = self.burst / self.rate * 1000
+                full_after = max(self.burst / self.rate * 1000, 10 * self.WINDOW_MS)
                 for user in [u for u, b in self._users.items() if now_ms - b.at_ms >= full_after]:
                     del self._users[user]
+                    self._spent.pop(user, None)
+                    self._last.pop(user, None)
             bucket = self._users[user_id] = _Bucket(self.burst, now_ms)
+            self._spent[user_id] = _Bucket(0.0, now_ms)
         self._refill(bucket, self.rate, self.burst, now_ms)
-        return bucket
+        spent = self._spent[user_id]
+        spent.tokens *= math.exp(-max(0, now_ms - spent.at_ms) / self.WINDOW_MS)
+        spent.at_ms = max(spent.at_ms, now_ms)
+        return bucket, spent
 
     def wait(self, user_id: str, now_ms: int) -> float:
         """0 when the user may run a command now; else the seconds until it may."""
         with self._lock:
-            mine = self._user(user_id, now_ms)
+            mine, spent = self._user(user_id, now_ms)
             self._refill(self._all, self.total, self.total, now_ms)
             if mine.tokens < 0:
                 return math.ceil(-mine.tokens / self.rate * 1000) / 1000
-            if self._all.tokens < 0 and mine.tokens < self.burst / 2:
-                return math.ceil((self.burst / 2 - mine.tokens) / self.rate * 1000) / 1000
+            light = spent.tokens + self._last.get(user_id, 0) < self.LIGHT * self.rate * self.WINDOW_MS / 1000
+            if self._all.tokens < 0 and not light:
+                return math.ceil(-self._all.tokens / self.total * 1000) / 1000 or 0.001
             return 0.0
 
     def charge(self, user_id: str, cost: int, now_ms: int) -> None:
         with self._lock:
-            self._user(user_id, now_ms).tokens -= cost
+            mine, spent = self._user(user_id, now_ms)
+            mine.tokens -= cost
+            if cost > 0:
+                self._last[user_id] = cost
+            spent.tokens = max(0.0, spent.tokens + cost)
             self._refill(self._all, self.total, self.total, now_ms)
             self._all.tokens = max(-self.total, self._all.tokens - cost)
 

@@ -70,6 +70,9 @@ class MemoryStore:
     def all_user_ids(self) -> list[str]:
         return sorted(self._s.users)
 
+    def user_ids_ignoring_case(self, user_id: str) -> list[str]:
+        return sorted(u for u in self._s.users if u.lower() == user_id.lower())
+
     # sessions
     def get_session(self, user_id: str, session_id: str) -> ChatSession | None:
         return self._s.sessions.get((user_id, session_id))

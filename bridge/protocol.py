@@ -7,10 +7,11 @@ the committed files drift.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from .errors import ErrorCode
 from .limits import MAX_PAGE
@@ -21,14 +22,40 @@ MAX_SEQ = 2**62
 UserId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 ObjectId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 RequestId = Annotated[str, StringConstraints(max_length=64)]
-SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-Body = Annotated[str, StringConstraints(min_length=1, max_length=8000)]
-DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
-Title = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# Characters a name shown to other people may not hold: control characters (NUL, newlines, escapes),
+# line and paragraph separators, bidi overrides, embeddings and isolates (which reorder what follows
+# them: spoofed names), and zero-width characters (look-alike names).
+_UNSHOWABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]"
+)
+
+
+def _showable(value: str) -> str:
+    bad = _UNSHOWABLE.search(value)
+    if bad is not None:
+        raise ValueError(
+            f"U+{ord(bad.group()):04X} is not allowed here "
+            "(no control, bidi-override or zero-width characters)"
+        )
+    return value
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("NUL characters are not allowed")  # and PostgreSQL cannot store them
+    return value
+
+
+NoNul = AfterValidator(_no_nul)
+Showable = AfterValidator(_showable)
+SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64), NoNul]
+ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=64), NoNul]
+Body = Annotated[str, StringConstraints(min_length=1, max_length=8000), NoNul]
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=100), Showable]
+Title = Annotated[str, StringConstraints(min_length=1, max_length=200), Showable]
 # (1.1) 1-16 code points with no whitespace or control characters (checked by the handler)
-Emoji = Annotated[str, StringConstraints(min_length=1, max_length=16)]
-SearchQuery = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Emoji = Annotated[str, StringConstraints(min_length=1, max_length=16), NoNul]
+SearchQuery = Annotated[str, StringConstraints(min_length=1, max_length=200), NoNul]
 Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
 Timestamp = Annotated[
     str, Field(description="ISO 8601 in UTC with milliseconds, e.g. 2026-11-24T10:00:00.123Z")

@@ -7,6 +7,7 @@ nothing while the others in its batch commit together.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -110,13 +111,70 @@ def describe(exc: ValidationError) -> str:
 
 
 def request_id_of(payload: bytes) -> str | None:
-    """The request_id of a command that failed validation, when one can be read."""
+    """The request_id of a command that failed validation, when one can be read: also from an object
+    JSON parsers refuse whole (numbers out of range, NaN, nesting too deep), by reading its top level."""
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return None
+        obj = {"request_id": _top_level_request_id(payload)}
     rid = obj.get("request_id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and len(rid) <= 64 else None
+
+
+_STRING = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\.)*"')
+_SPACE = re.compile(rb"[ \t\r\n]*")
+
+
+def _top_level_request_id(payload: bytes) -> str | None:
+    """Scans a JSON object's top level for a string `request_id`, skipping every other value by
+    bracket depth (strings respected) without parsing it: linear, no recursion."""
+    pos = _SPACE.match(payload, 0).end()  # type: ignore[union-attr]
+    if payload[pos : pos + 1] != b"{":
+        return None
+    pos += 1
+    while True:
+        pos = _SPACE.match(payload, pos).end()  # type: ignore[union-attr]
+        key = _STRING.match(payload, pos)
+        if key is None:
+            return None
+        pos = _SPACE.match(payload, key.end()).end()  # type: ignore[union-attr]
+        if payload[pos : pos + 1] != b":":
+            return None
+        pos = _SPACE.match(payload, pos + 1).end()  # type: ignore[union-attr]
+        value = _STRING.match(payload, pos)
+        if key.group() == b'"request_id"':
+            if value is None:
+                return None
+            try:
+                found = orjson.loads(value.group())
+            except orjson.JSONDecodeError:
+                return None
+            return found if isinstance(found, str) else None
+        if value is not None:
+            pos = value.end()
+        else:  # skip a number, literal, array or object: to the next top-level comma or the end
+            depth = 0
+            while pos < len(payload):
+                ch = payload[pos : pos + 1]
+                if ch == b'"':
+                    string = _STRING.match(payload, pos)
+                    if string is None:
+                        return None
+                    pos = string.end()
+                    continue
+                if ch in b"[{":
+                    depth += 1
+                elif ch in b"]}":
+                    if depth == 0:
+                        break
+                    depth -= 1
+                elif ch == b"," and depth == 0:
+                    break
+                pos += 1
+        pos = _SPACE.match(payload, pos).end()  # type: ignore[union-attr]
+        if payload[pos : pos + 1] != b",":
+            return None
+        pos += 1
 
 
 class Service:

@@ -618,6 +618,10 @@ class SqlStore:
     def all_user_ids(self) -> list[str]:
         return [r[0] for r in self._exec("all_user_ids").fetchall()]
 
+    def user_ids_ignoring_case(self, user_id: str) -> list[str]:
+        query = select(users.c.user_id).where(func.lower(users.c.user_id) == user_id.lower())
+        return sorted(r[0] for r in self._core(query).fetchall())
+
     # sessions
     def get_session(self, user_id: str, session_id: str) -> ChatSession | None:
         row = self._exec("get_session", user_id=user_id, session_id=session_id).fetchone()

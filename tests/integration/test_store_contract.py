@@ -157,3 +157,28 @@ def test_sqlite_runs_in_wal_mode(tmp_path: object) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
+
+
+def test_nul_characters_and_case_twins_are_refused_cleanly_on_every_store(database_url: str) -> None:
+    """PostgreSQL cannot store NUL in text: that must be bad-request, not `internal` with a traceback;
+    and `ALICE` beside `alice` is refused by the SQL store's case-insensitive lookup too."""
+    engine = make_engine(database_url)
+    init_db(engine, 0)
+    w = World(SqlUnitOfWork(engine))
+    w.do("alice", "connect", session_id="a")
+    for command, fields in (
+        ("send-message", {"conversation_id": "global", "body": "nul \x00 inside"}),
+        ("send-message", {"conversation_id": "global", "body": "x", "client_msg_id": "c\x00"}),
+        ("connect", {"session_id": "s\x00"}),
+        ("connect", {"session_id": "s", "display_name": "a\x00b"}),
+        ("create-conversation", {"kind": "group", "participants": ["alice"], "title": "t\x00"}),
+    ):
+        assert w.do("bob", command, **fields).error == "bad-request", (command, fields)
+    assert w.do("ALICE", "connect", session_id="x").error == "forbidden"
+    assert w.do("Alice", "send-message", conversation_id="global", body="hi").error == "forbidden"
+    history = w.do("alice", "get-messages", conversation_id="global", since_seq=0).data["messages"]
+    assert history == []
+    assert (
+        w.do("alice", "send-message", conversation_id="global", body="ok").answer["type"] == "message-added"
+    )
+    engine.dispose()

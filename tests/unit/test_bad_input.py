@@ -206,3 +206,98 @@ def test_idle_buckets_are_forgotten() -> None:
         limiter.take(f"u{i}", 0)
     limiter.take("late", 5_000)  # the others refilled long ago
     assert set(limiter._buckets) == {"late"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nul\x00name",
+        "two\nlines",
+        "carriage\rreturn",
+        "tab\there",
+        "escape\x1b[31m",
+        "c1\x85control",
+        "\u202egnp.exe",  # right-to-left override
+        "iso\u2066late",
+        "zero\u200bwidth",
+        "joiner\u200d",
+        "\ufeffbom",
+        "line\u2028separator",
+    ],
+)
+def test_display_names_and_titles_refuse_unshowable_characters(w: World, name: str) -> None:
+    before = snapshot(w)
+    out = w.do("alice", "connect", session_id="a9", display_name=name)
+    assert out.error == "bad-request" and "display_name" in out.answer["data"]["message"]
+    out = w.do("alice", "create-conversation", kind="group", participants=["bob"], title=name)
+    assert out.error == "bad-request"
+    assert snapshot(w) == before
+
+
+@pytest.mark.parametrize("name", ["Zoë 🎉", "李小龍", "O'Brien-Smith", "Ana María"])
+def test_ordinary_display_names_are_kept(w: World, name: str) -> None:
+    assert w.do("alice", "connect", session_id="a9", display_name=name).data["user"]["display_name"] == name
+
+
+def test_a_user_id_differing_only_in_case_from_an_existing_one_is_refused(w: World) -> None:
+    before = snapshot(w)
+    for user, command, fields in (
+        ("ALICE", "connect", {"session_id": "x"}),
+        ("Alice", "send-message", {"conversation_id": "global", "body": "I am alice"}),
+        ("BoB", "get-active-users", {}),
+    ):
+        out = w.do(user, command, **fields)
+        assert out.error == "forbidden" and "only in case" in out.answer["data"]["message"]
+    assert snapshot(w) == before
+    assert w.do("alice", "get-active-users").answer["type"] == "active-users"
+    assert w.do("carol", "connect", session_id="c1").answer["type"] == "connected"  # new ids still register
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"request_id": "q", "conversation_id": "global", "x": 1e400}',
+        b'{"x": 1e400, "request_id": "q", "conversation_id": "global"}',
+        b'{"request_id": "q", "conversation_id": "global", "x": NaN}',
+        b'{"x": -Infinity, "request_id": "q"}',
+        b'{"x": ' + b"9" * 500 + b', "conversation_id": "global", "request_id": "q"}',
+        b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b', "request_id": "q", "conversation_id": "global"}',
+        b'{"x": {"a": "}\\"]", "b": [1, {"c": ' + b"[" * 3000 + b"]" * 3000 + b'}]}, "request_id": "q"}',
+    ],
+)
+def test_request_id_is_echoed_even_when_json_parsers_refuse_the_payload(w: World, payload: bytes) -> None:
+    """No body: every one of these is bad-request, answered with the request_id it carries."""
+    before = snapshot(w)
+    out = w.raw("alice", "send-message", payload)
+    assert out.error == "bad-request" and out.answer["request_id"] == "q"
+    assert snapshot(w) == before
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"request_id": {"request_id": "nested"}, "x": NaN}',
+        b'{"a": "request_id", "x": NaN}',
+        b'[{"request_id": "q"}, NaN]',
+        b'{"request_id": "q"',  # never closed: still readable up to there
+    ],
+)
+def test_only_a_top_level_string_request_id_is_echoed(w: World, payload: bytes) -> None:
+    (answer,) = w.raw("alice", "send-message", payload).inbox("alice")
+    expected = "q" if payload.endswith(b'"q"') else None
+    assert answer["data"]["code"] == "bad-request" and answer["request_id"] == expected
+
+
+@pytest.mark.parametrize(
+    ("command", "fields"),
+    [
+        ("send-message", {"conversation_id": "global", "body": "nul \x00 inside"}),
+        ("send-message", {"conversation_id": "global", "body": "x", "client_msg_id": "c\x00"}),
+        ("connect", {"session_id": "s\x00"}),
+        ("disconnect", {"session_id": "s\x00"}),
+    ],
+)
+def test_nul_characters_are_bad_request(w: World, command: str, fields: dict[str, str]) -> None:
+    before = snapshot(w)
+    assert w.do("alice", command, **fields).error == "bad-request"
+    assert snapshot(w) == before
