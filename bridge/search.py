@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import protocol as p
-from .core import Context, Handler, message_out, visible_conversation
+from .core import Context, Handler, message_out, page_of, visible_conversation
 from .errors import BadRequest, NotFound
 from .model import GLOBAL_ID, paged, words
 
@@ -27,9 +27,10 @@ def search_messages(cmd: p.SearchMessages, ctx: Context) -> None:
         if before is None or before.conversation_id not in scope:
             raise NotFound(f"message {cmd.before_message_id} not found")
     page, has_more = paged(store.search(scope, query, before, cmd.limit + 1), cmd.limit)
+    fits = page_of(page, message_out, ctx.budget, cmd.limit)  # fewer results when they are large
     ctx.answer(
         p.SearchResults,
-        p.SearchResultsData(query=cmd.query, messages=[message_out(m) for m in page], has_more=has_more),
+        p.SearchResultsData(query=cmd.query, messages=fits.views, has_more=has_more or fits.cut),
     )
 
 

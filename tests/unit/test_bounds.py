@@ -241,3 +241,12 @@ def test_a_group_has_at_most_the_cap_of_participants() -> None:
     # the largest group's conversation object still fits in one event
     answer, sizes_ = sizes(w, owner, "get-conversations")
     assert max(sizes_) <= DEFAULT_MAX_EVENT and len(answer["data"]["conversations"]) == 2
+
+
+def test_search_results_of_large_messages_are_cut_by_bytes() -> None:
+    w = World()
+    for i in range(20):
+        w.do("alice", "send-message", conversation_id="global", body=f"needle {i:02d} " + "x" * 7980)
+    answer, out = sizes(w, "bob", "search-messages", query="needle", limit=100)
+    assert answer["type"] == "search-results" and max(out) <= DEFAULT_MAX_EVENT
+    assert 0 < len(answer["data"]["messages"]) < 20 and answer["data"]["has_more"] is True
