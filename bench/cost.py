@@ -202,7 +202,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=5, help="length of each load")
-    parser.add_argument("--rate", type=float, default=10, help="bob's messages per second (at most 16: more is not light, see docs)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=10,
+        help="bob's messages per second (at most 16: more is not light, see docs)",
+    )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--modes", default="on,off", help="comma-separated: on, off")
     parser.add_argument("--bridge-args", default="", help="more options for chat-bridge serve")
