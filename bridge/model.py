@@ -120,7 +120,27 @@ class OutboxEntry:
     qos: int = 1  # 0: ephemeral (typing), published once and never stored
 
 
-class Conflict(Exception):
+class StorageError(Exception):
+    """The store failed. The store's own errors, whatever the database behind it:
+
+    StorageError            the statement failed (a bug, bad data): the command is answered `internal`
+    ├── StorageUnavailable  the database cannot be reached or dropped the connection: retried, unanswered
+    └── Conflict            a uniqueness rule was hit by a concurrent writer: the command is retried
+
+    `bridge.sql` translates the driver's errors into these at its boundary (`sql.TRANSLATION`).
+    """
+
+
+class StorageUnavailable(StorageError):
+    """An outage: nothing was done; `connection_lost` when the connection itself was found dead (a fresh
+    one may work at once)."""
+
+    def __init__(self, message: str, *, connection_lost: bool = False) -> None:
+        super().__init__(message)
+        self.connection_lost = connection_lost
+
+
+class Conflict(StorageError):
     """A uniqueness rule was hit by a concurrent writer; the command may be retried."""
 
 

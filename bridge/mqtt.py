@@ -31,7 +31,7 @@ from . import core
 from . import protocol as p
 from .config import BrokerAddress
 from .metrics import Health, Metrics
-from .model import OutboxEntry
+from .model import OutboxEntry, StorageUnavailable
 from .service import Batch, Inbound, Service, encode
 from .topics import Topics
 
@@ -432,7 +432,7 @@ class MqttBridge:
                     log.info("storage is back after %.1fs; carrying on", time.monotonic() - outage_since)
                 return result
             except Exception as exc:
-                if getattr(exc, "connection_invalidated", False) and not reconnected:
+                if isinstance(exc, StorageUnavailable) and exc.connection_lost and not reconnected:
                     # A pooled connection the server had closed (a restart, an idle timeout): connections
                     # are not pinged before use, so try a fresh one at once before calling it an outage.
                     reconnected = True

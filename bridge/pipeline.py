@@ -48,7 +48,7 @@ import orjson
 from . import core
 from . import protocol as p
 from .limits import OncePer
-from .model import OutboxEntry
+from .model import OutboxEntry, StorageUnavailable
 from .service import Batch, Inbound, Service, encode
 from .transport import Command, Disconnected, Event, EventRefused, Transport
 
@@ -437,7 +437,7 @@ class Pipeline:
                 return result
             except Exception as exc:
                 self.status.storage_retries += 1
-                if getattr(exc, "connection_invalidated", False) and not reconnected:
+                if isinstance(exc, StorageUnavailable) and exc.connection_lost and not reconnected:
                     # A pooled connection the server had closed (a restart, an idle timeout): connections
                     # are not pinged before use, so try a fresh one at once before calling it an outage.
                     reconnected = True

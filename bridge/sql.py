@@ -41,7 +41,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DatabaseError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    NotSupportedError,
+    OperationalError,
+    ProgrammingError,
+)
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
@@ -55,6 +65,8 @@ from .model import (
     Message,
     OutboxEntry,
     Reactions,
+    StorageError,
+    StorageUnavailable,
     Store,
     User,
     words,
@@ -62,8 +74,33 @@ from .model import (
 
 log = logging.getLogger(__name__)
 
+# The store's errors for SQLAlchemy's wrappers of the PEP 249 exceptions (the driver's, sqlite3 or psycopg,
+# are wrapped first, as `Connection.execute` would): nothing past this module sees a SQLAlchemy error.
+# A lost connection is StorageUnavailable whatever its class. tests/unit/test_storage_errors.py fails when
+# SQLAlchemy has a DBAPIError subclass missing here.
+TRANSLATION: dict[type[DBAPIError], type[StorageError]] = {
+    IntegrityError: Conflict,
+    OperationalError: StorageUnavailable,  # unreachable, restarting, locked, out of disk
+    InterfaceError: StorageUnavailable,  # the connection is unusable
+    DataError: StorageError,
+    ProgrammingError: StorageError,
+    NotSupportedError: StorageError,
+    InternalError: StorageError,
+    DatabaseError: StorageError,
+    DBAPIError: StorageError,
+}
+
 # Errors that mean "the database is unreachable": the batch is retried, never answered.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StorageUnavailable,)
+
+
+def storage_error(exc: DBAPIError) -> StorageError:
+    """The store's error for SQLAlchemy's."""
+    message = str(exc.orig) if exc.orig is not None else str(exc)
+    if exc.connection_invalidated:
+        return StorageUnavailable(message, connection_lost=True)
+    kind = next(TRANSLATION[cls] for cls in type(exc).__mro__ if cls in TRANSLATION)
+    return kind(message)
 
 
 class UserRow(SQLModel, table=True):
@@ -527,7 +564,7 @@ class SqlStore:
 
     It runs precompiled statements on the driver's cursor: building, caching and wrapping a SQLAlchemy
     statement per call cost 15-50 µs, the SQLite statement itself about 1 (py-spy under
-    bench/throughput.py). Driver errors are translated to SQLAlchemy's, as `Connection.execute` would.
+    bench/throughput.py). Driver errors are translated to the store's (`storage_error`).
     """
 
     def __init__(
@@ -551,16 +588,16 @@ class SqlStore:
             raise self.translate(exc, sql, args) from None
         return self.cur
 
-    def translate(self, exc: Any, sql: str = "", args: Any = ()) -> Exception:
-        """SQLAlchemy's exception for a driver error, as `Connection.execute` raises; a lost connection
-        is dropped from the pool."""
+    def translate(self, exc: Any, sql: str = "", args: Any = ()) -> StorageError:
+        """The store's error for a driver error (through SQLAlchemy's classification, as
+        `Connection.execute` would raise it); a lost connection is dropped from the pool."""
         lost = self.dialect.is_disconnect(exc, self.raw, self.cur)
         if lost:
             self.conn.invalidate(exc)
-        error: Exception = DBAPIError.instance(
+        wrapped = DBAPIError.instance(
             sql, args, exc, self.dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=self.dialect
         )
-        return error
+        return storage_error(wrapped)
 
     def _core(self, stmt: ClauseElement) -> Any:
         """A statement that varies per call (an IN list), compiled here."""
@@ -666,10 +703,7 @@ class SqlStore:
         self, conversation: Conversation, participants_: Sequence[str], direct_key: str | None = None
     ) -> None:
         values = {col.name: getattr(conversation, col.name) for col in _CONV_COLS}
-        try:
-            self._exec("insert_conversation", direct_key=direct_key, **values)
-        except IntegrityError as exc:
-            raise Conflict(str(exc.orig)) from None
+        self._exec("insert_conversation", direct_key=direct_key, **values)  # Conflict: a twin exists
         self.add_participants(conversation.conversation_id, participants_)
 
     def participant_ids(self, conversation_id: str) -> list[str]:
@@ -741,10 +775,7 @@ class SqlStore:
             values["words"] = _search_text(message)
         else:
             values["search_rowid"] = self._search_row(message)
-        try:
-            self._exec("insert_message", **values)
-        except IntegrityError as exc:
-            raise Conflict(str(exc.orig)) from None
+        self._exec("insert_message", **values)  # Conflict: the client_msg_id (or seq) was taken
 
     def update_message(self, message: Message, expected_rev: int) -> None:
         stored = self.get_message(message.message_id)
@@ -981,10 +1012,8 @@ class SqlUnitOfWork:
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
         try:
             conn = self.engine.raw_connection()
-        except dbapi_error as exc:  # unreachable: an outage, as `engine.connect()` would report it
-            raise DBAPIError.instance(
-                None, None, exc, dbapi_error, connection_invalidated=True, dialect=self.engine.dialect
-            ) from None
+        except dbapi_error as exc:  # unreachable: an outage
+            raise StorageUnavailable(str(exc), connection_lost=True) from None
         store = SqlStore(conn, self.engine.dialect, self.statements)
         try:
             if self.engine.dialect.name == "sqlite":
@@ -1011,9 +1040,7 @@ class SqlUnitOfWork:
         try:
             conn = self.engine.raw_connection()
         except dbapi_error as exc:
-            raise DBAPIError.instance(
-                None, None, exc, dbapi_error, connection_invalidated=True, dialect=self.engine.dialect
-            ) from None
+            raise StorageUnavailable(str(exc), connection_lost=True) from None
         store = SqlStore(conn, self.engine.dialect, self.statements)
         try:
             yield store
@@ -1064,4 +1091,4 @@ def init_db(engine: Engine, now_ms: int) -> None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+    return isinstance(exc, StorageUnavailable)

@@ -174,11 +174,11 @@ class FlakyUnitOfWork:
         self.failed_attempts = threading.Semaphore(0)
 
     def transaction(self):  # type: ignore[no-untyped-def]
-        from sqlalchemy.exc import OperationalError
+        from bridge.model import StorageUnavailable
 
         if self.down.is_set():
             self.failed_attempts.release()
-            raise OperationalError("BEGIN", None, ConnectionError("database is down"))
+            raise StorageUnavailable("database is down")
         return self.inner.transaction()  # type: ignore[attr-defined]
 
 
