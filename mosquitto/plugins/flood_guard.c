@@ -456,6 +456,7 @@ struct user {
 	long session_count;
 	int64_t reported_ns;
 	uint64_t refused;
+	const char *reported_why;         /* a new reason is reported at once */
 };
 
 struct conn {
@@ -567,7 +568,9 @@ static int refuse_user(struct user *u, const char *client_id, const char *addres
 {
 	int64_t now = now_ns();
 	u->refused++;
-	if(report_due(&u->reported_ns, now)){
+	if(why != u->reported_why || report_due(&u->reported_ns, now)){
+		u->reported_why = why;
+		u->reported_ns = now;
 		mosquitto_log_printf(MOSQ_LOG_WARNING,
 				"chat guard: refused %s (client %s from %s): %s; %llu refused so far",
 				u->name, client_id, address ? address : "?", why, (unsigned long long)u->refused);
@@ -730,7 +733,8 @@ static int on_disconnect(int event, void *event_data, void *userdata)
 		}
 		free(c->client_id);
 		free(c);
-		forget_user_if_idle(u);
+		/* Accounts are few when the plugin checks passwords: keep their counts (log throttles). */
+		if(!password_file) forget_user_if_idle(u);
 	}
 	return MOSQ_ERR_SUCCESS;
 }
