@@ -58,6 +58,7 @@ class Mqtt(Protocol):
     on_subscribe: Any
     on_message: Any
     on_socket_open: Any
+    on_connect_fail: Any
 
     def will_set(self, topic: str, payload: bytes, qos: int = ..., retain: bool = ...) -> None: ...
     def username_pw_set(self, username: str | None, password: str | None = ...) -> None: ...
@@ -144,6 +145,7 @@ class ChatSession:
         self._counter = 0
         self._ready = threading.Event()  # the current session's `connected` arrived
         self._failure: str | None = None
+        self._connect_error: str | None = None
         self._closed = False
         self.session: Session | None = None
 
@@ -159,6 +161,7 @@ class ChatSession:
         mqtt.on_subscribe = self._on_subscribe
         mqtt.on_message = self._on_message
         mqtt.on_socket_open = _no_delay
+        mqtt.on_connect_fail = self._on_connect_fail
         self.mqtt = mqtt
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -168,7 +171,11 @@ class ChatSession:
         self.mqtt.connect_async(self.options.host, self.options.port, self.options.keepalive)
         self.mqtt.loop_start()
         if not self._ready.wait(timeout) or self._failure or self.session is None:
-            reason = self._failure or f"no answer to connect within {timeout:g} s"
+            reason = (
+                self._failure
+                or (self._connect_error if self.connections == 0 and self._connect_error else None)
+                or f"no answer to connect within {timeout:g} s"
+            )
             self.close(announce=False)
             raise ConnectionFailed(f"{self.user}@{self.options.host}:{self.options.port}: {reason}")
         return self.session
@@ -253,6 +260,9 @@ class ChatSession:
             with self._lock:
                 self._snapshot = {cid: Cursor(c.seq, c.rev) for cid, c in self.cursors.items()}
         self.mqtt.subscribe([(self.inbox_topic, 1), (self.status_topic, 1)])
+
+    def _on_connect_fail(self, *_: Any) -> None:
+        self._connect_error = "the broker cannot be reached (connection failed)"
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any = None, _props: Any = None) -> None:
         self._ready.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,11 @@ def test_a_restarted_bridge_gets_connect_again_and_keeps_the_session(
 
 
 def test_timeouts(mosquitto: Mosquitto, db: str) -> None:
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with pytest.raises(errors.ConnectionFailed, match="cannot be reached"):
+        Client("alice", port=closed_port).connect(timeout=2)
     nobody = Client("alice", port=mosquitto.port)
     with pytest.raises(errors.ConnectionFailed, match="no answer to connect"):
         nobody.connect(timeout=0.5)

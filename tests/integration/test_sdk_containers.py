@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -30,21 +27,7 @@ def engine_problem() -> str | None:
 def images() -> Iterator[None]:
     if reason := engine_problem():
         pytest.skip(reason)
-    with tempfile.TemporaryDirectory() as context:  # what is committed and changed, without .venv
-        files = subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        for name in files:
-            source = ROOT / name
-            if source.is_file():
-                target = Path(context) / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(source.read_bytes())
-        containers.build_images(context)
+    containers.build_images(ROOT)  # the checkout as it is (.dockerignore keeps local state out)
     yield
 
 
