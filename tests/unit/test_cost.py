@@ -4,6 +4,7 @@ command rate can slow everyone else by fanning out."""
 from __future__ import annotations
 
 import orjson
+import pytest
 from world import World
 
 from bridge.limits import CostBudget
@@ -114,3 +115,28 @@ def test_presence_flapping_does_not_fan_out_to_everyone_at_its_own_pace() -> Non
     # without a budget: 2 x 50 x 1,000 = 100,000 events; with it, the burst plus 2 s at 500/s, and one
     # connect/disconnect pair of overshoot
     assert fanned <= 2000 + 2 * 500 + 2 * 1001
+
+
+def test_a_batch_that_does_not_commit_spends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch will be retried (a storage outage): its commands must not also be charged twice."""
+    w = World()
+    w.now = 1_000_000
+    crowd(w, 200, online=True)
+    w.service.cost = CostBudget(rate=1, burst=100, total=1_000_000)
+    store = w.uow.store  # type: ignore[attr-defined]
+    real = store.add_outbox
+    failures = iter([RuntimeError("disk full")])
+
+    def add_outbox(entries: object) -> None:
+        for exc in failures:
+            raise exc
+        real(entries)
+
+    monkeypatch.setattr(store, "add_outbox", add_outbox)
+    item = Inbound("alice", "send-message", orjson.dumps({"conversation_id": "global", "body": "x"}))
+    with pytest.raises(RuntimeError):
+        w.service.handle_batch([item])
+    retried = w.service.handle_batch([item])  # admitted: the failed attempt cost nothing
+    assert next(d.payload.type for d in retried.deliveries if d.key == "alice") == "message-added"  # type: ignore[attr-defined]
+    again = w.service.handle_batch([item])  # now alice is in debt (201 > 100)
+    assert [d.payload.type for d in again.deliveries] == ["error"]  # type: ignore[attr-defined]
