@@ -134,7 +134,7 @@ def test_upgrade_from_the_first_release_keeps_every_row(database_url: str) -> No
         version = conn.exec_driver_sql("select version_num from alembic_version").scalar()
         revs = dict(conn.execute(select(messages.c.message_id, messages.c.rev)).all())
         last = dict(conn.execute(select(conversations.c.conversation_id, conversations.c.last_rev)).all())
-    assert version == "0003"
+    assert version == "0004"
     assert revs == {f"old-{i}": i for i in range(1, 26)}, "existing messages get rev = seq"
     assert last == {"global": 0, "c_dm": 25, "c_g": 0, "t_1": 0}
 
