@@ -4,10 +4,11 @@ Everything runs on the pipeline's event loop: no network thread, no hand-over
 between threads. Commands from the command subscription arrive in the order the
 broker sent them, one `received()` call per burst read from the socket, and are
 acknowledged (PUBACK, in order) when the pipeline calls `Command.ack`. Events go
-out at QoS 1; a publish's future is the client's own (no wrapping): it fails with
-`Disconnected` when the connection drops first (the client does not send it again
-by itself: the pipeline decides), and with `EventRefused` when the event is larger
-than `max_packet_size` and so can never be delivered as it is.
+out at their QoS (1; 0 for typing, done once written). A publish's future is the
+client's own (no wrapping): it fails with `Disconnected` when the connection drops
+first (the client does not send it again by itself: the pipeline decides), and
+with `EventRefused` when the event is larger than `max_packet_size` and so can
+never be delivered as it is.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class MqttcTransport:
         self.client.start()
 
     def publish(self, event: Event) -> asyncio.Future[None]:
-        return self.client.publish(event.topic, event.payload, 1, event.retain)
+        return self.client.publish(event.topic, event.payload, event.qos, event.retain)
 
     def resubscribe(self) -> None:
         self._subscribe()
