@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import hashlib
 import hmac
 import logging
+import secrets
 import socket
 import time
 import weakref
@@ -23,16 +25,68 @@ from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BasePlugin, BaseTopicPlugin
+from amqtt.utils import gen_client_id
 
 from . import passwords
 from .limits import OncePer, RateLimiter
-from .topics import BRIDGE_ACCOUNT, Topics
+from .topics import BRIDGE_ACCOUNT, Topics, client_id_allowed, client_id_owner
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_FACTOR = 1.5
 WATCH_INTERVAL = 0.2
+# Repeated warnings (refused connections, full queues) are logged at most once a minute per key: a
+# crowd of misbehaving clients cannot flood the log.
+_LOG_LIMIT = OncePer(60_000)
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+class LogThrottle(logging.Filter):
+    """At most `per_minute` warnings (and errors, tracebacks included) a minute from each line of
+    amqtt's code: a crowd of clients that never read, or keep failing to log in, would otherwise write
+    a line, often a traceback, each. What is held back is counted in the next line let through."""
+
+    def __init__(self, per_minute: int = 5) -> None:
+        super().__init__()
+        self.per_minute = per_minute
+        self._windows: dict[tuple[str, int], tuple[int, int, int]] = {}  # start, passed, held back
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key, now = (record.pathname, record.lineno), _now_ms()
+        start, passed, held = self._windows.get(key, (now, 0, 0))
+        if now - start >= 60_000:
+            start, passed = now, 0
+        if passed >= self.per_minute:
+            self._windows[key] = (start, passed, held + 1)
+            return False
+        if held:
+            record.msg = f"{record.getMessage()} ({held} similar lines held back)"
+            record.args = None
+        self._windows[key] = (start, passed + 1, 0)
+        return True
+
+
+_THROTTLE = LogThrottle()
+
+
+def throttle_amqtt_logs() -> None:
+    """Puts the throttle on every amqtt logger (filters do not apply to child loggers)."""
+    for name in ["amqtt", *logging.Logger.manager.loggerDict]:
+        if name == "amqtt" or name.startswith("amqtt."):
+            logger = logging.getLogger(name)
+            if _THROTTLE not in logger.filters:
+                logger.addFilter(_THROTTLE)
 
 
 class BrokerStartError(Exception):
@@ -46,6 +100,7 @@ class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
     class Config:
         factor: float = KEEPALIVE_FACTOR
         interval: float = WATCH_INTERVAL
+        max_keepalive: int = 300  # keepalive 0 (none) or above this counts as this
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -68,15 +123,18 @@ class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
             await asyncio.sleep(self.config.interval)
             now = time.monotonic()
             for client_id, (session, handler) in list(broker.sessions.items()):
-                if session.keep_alive <= 0 or handler is None or not session.transitions.is_connected():
+                if handler is None or not session.transitions.is_connected():
                     continue
+                keepalive = session.keep_alive
+                if keepalive <= 0 or keepalive > self.config.max_keepalive:
+                    keepalive = self.config.max_keepalive
                 since = max(self._last_packet.get(client_id, 0.0), self._first_seen.setdefault(handler, now))
-                if now - since > self.config.factor * session.keep_alive:
+                if now - since > self.config.factor * keepalive:
                     log.info(
                         "client %s silent for %.1fs (keepalive %ss): closing it, its will fires",
                         client_id,
                         now - since,
-                        session.keep_alive,
+                        keepalive,
                     )
                     self._first_seen.pop(handler, None)
                     self._last_packet.pop(client_id, None)
@@ -86,73 +144,38 @@ class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
         self._task.cancel()
 
 
-class PasswordFileAuth(BaseAuthPlugin):  # type: ignore[misc]
-    """Accounts from a Mosquitto password file (re-read when it changes), plus the bridge's own
-    per-process account. Refuses a connection whose last will aims at a topic its user may not
-    publish to: amqtt would otherwise publish such a will unchecked."""
+class Accounts:
+    """The accounts of a Mosquitto password file, re-read when it changes (`serve --password-file`)."""
 
-    @dataclass
-    class Config:
-        password_file: str = ""
-        internal_user: str = ""
-        internal_secret: str = ""
-        prefix: str = "chat/v1"
-
-    def __init__(self, context: Any) -> None:
-        super().__init__(context)
-        self._path = Path(self.config.password_file)
-        self._rules = Topics(self.config.prefix)
-        self._mtime = -1.0
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime: float | None = None
         self._entries: dict[str, str] = {}
+        self._verified: dict[str, str] = {}  # user -> hash of the last password that verified
 
-    def _accounts(self) -> dict[str, str]:
+    def current(self) -> dict[str, str]:
+        """The entries now (an unreadable file refuses every account until it is fixed)."""
         try:
-            mtime = self._path.stat().st_mtime
+            mtime = self.path.stat().st_mtime
             if mtime != self._mtime:
-                self._entries, self._mtime = passwords.read(self._path), mtime
+                self._entries, self._mtime = passwords.read(self.path), mtime
         except (OSError, passwords.PasswordFileError) as exc:
-            log.error("password file %s cannot be read (%s): refusing its accounts", self._path, exc)
-            return {}
+            if _LOG_LIMIT.due(f"passwd {self.path}", _now_ms()):
+                log.error("password file %s cannot be read (%s): refusing its accounts", self.path, exc)
+            self._entries, self._mtime = {}, None
         return self._entries
 
-    async def authenticate(self, *, session: Any) -> bool:
-        user, password = session.username, session.password or ""
-        if isinstance(password, bytes):
-            password = password.decode("utf-8", "replace")
-        if not user:
+    def verify(self, user: str, password: str) -> bool:
+        stored = self.current().get(user)
+        if stored is None:
             return False
-        internal = self.config.internal_user
-        if internal and user == internal and hmac.compare_digest(password, self.config.internal_secret):
-            ok = True
-        else:
-            stored = self._accounts().get(user)
-            ok = stored is not None and passwords.verify(password, stored)
-        if not ok:
-            log.warning("refused %r: unknown user or wrong password", user)
+        key = hashlib.sha256(f"{stored}\0{password}".encode()).hexdigest()
+        if self._verified.get(user) == key:  # reconnects do not pay PBKDF2 again
+            return True
+        if not passwords.verify(password, stored):
             return False
-        if session.will_flag and not self._rules.allows(user, session.will_topic or "", "publish"):
-            log.warning("refused %r: its last will targets %r", user, session.will_topic)
-            return False
+        self._verified[user] = key
         return True
-
-
-class TopicRulesPlugin(BaseTopicPlugin):  # type: ignore[misc]
-    """The topic rules of mosquitto/acl, for the embedded broker."""
-
-    @dataclass
-    class Config:
-        prefix: str = "chat/v1"
-
-    def __init__(self, context: Any) -> None:
-        super().__init__(context)
-        self._rules = Topics(self.config.prefix)
-
-    async def topic_filtering(
-        self, *, session: Any = None, topic: str | None = None, action: Any = None
-    ) -> bool:
-        if session is None or topic is None:
-            return False
-        return self._rules.allows(session.username, topic, str(action))  # type: ignore[arg-type]
 
 
 class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
@@ -170,13 +193,15 @@ class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._limiter = RateLimiter(self.config.rate, self.config.burst)
-        self._commands = f"{self.config.prefix}/users/"
+        self._topics = Topics(self.config.prefix)
         self._warning = OncePer(60_000)  # one warning per flooding user per minute
 
     async def topic_filtering(
         self, *, session: Any = None, topic: str | None = None, action: Any = None
     ) -> bool:
-        user = self._command_user(topic) if action == Action.PUBLISH and topic else None
+        """Asked only for what the topic rules allow (`EmbeddedBroker._topic_filtering`): with accounts,
+        only a command's own user may publish it, so nobody can drain another user's bucket."""
+        user = self._topics.command_user(topic) if action == Action.PUBLISH and topic else None
         if user is None:
             return True
         now = int(time.monotonic() * 1000)
@@ -192,23 +217,267 @@ class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
             )
         return False
 
-    def _command_user(self, topic: str) -> str | None:
-        """The user of a command topic (counted per user, as the bridge counts), else None."""
-        if not topic.startswith(self._commands):
-            return None
-        user, _, rest = topic[len(self._commands) :].partition("/")
-        return user if user and rest.startswith("commands/") else None
+
+@dataclass(frozen=True)
+class Caps:
+    """What one account may hold in the embedded broker (the bridge's account is not capped)."""
+
+    max_connections: int = 20  # open connections per account
+    max_sessions: int = 10  # persistent sessions (clean session false) per account
+    session_expiry: int = 7 * 24 * 3600  # seconds a disconnected persistent session is kept
+    offline_queue: int = 1000  # messages queued for one disconnected persistent session
+    max_keepalive: int = 300  # a keepalive of 0 or above this counts as this (the watchdog)
+
+
+class Refused(Exception):
+    """A CONNECT refused before any session work: the CONNACK code and why (for the log)."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
 
 
 class EmbeddedBroker(Broker):  # type: ignore[misc]
-    """amqtt's broker with two corrections for retained messages.
+    """amqtt's broker, with its connection handling made safe for accounts.
 
-    On every connect amqtt replays the retained messages of *every* client's
-    subscriptions to the new client (broker.py, `_handle_client_session`), and it
-    never asks the topic plugins whether a client may read a retained message.
-    We send a client only the retained messages of its own subscriptions that it
-    may read.
+    amqtt 0.12.1 deletes, resumes or takes over the session of a CONNECT's client id first and asks
+    the authentication plugins only afterwards; it copies the new CONNECT's will into a live session;
+    it publishes wills unchecked. Here every CONNECT is checked first (password, the client id rule,
+    the per-account caps); a session is resumed only by the username that created it; a live
+    connection is taken over only by its own account, and then closed completely (its own will
+    fires) before the new one takes its session; a will is checked against the topic rules when it
+    is published. The bridge's client ids (`chat-bridge`, `chat-bridge:<worker>`) need the bridge's
+    per-process secret, with accounts and without.
+
+    It also corrects retained messages: on every connect amqtt replays the retained messages of
+    *every* client's subscriptions to the new client and never asks the rules whether the client may
+    read them; we send a client only the retained messages of its own subscriptions that it may read.
+    A retained publish to a command topic is dropped.
     """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        topics: Topics,
+        bridge_secret: str,
+        accounts: Accounts | None = None,
+        caps: Caps = Caps(),
+    ) -> None:
+        super().__init__(config)
+        self.topics = topics
+        self.accounts = accounts
+        self.caps = caps
+        self._bridge_secret = bridge_secret
+        self._admitted: dict[int, Any] = {}  # id -> session, between admission and amqtt's auth call
+        self._account_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        if self.accounts is not None:
+            self._account_task = asyncio.get_running_loop().create_task(self._watch_accounts())
+
+    async def shutdown(self) -> None:
+        if self._account_task is not None:
+            self._account_task.cancel()
+        await super().shutdown()
+
+    # -- admission, before any session work --------------------------------------------------
+
+    def _check(self, incoming: Any) -> None:
+        """Raises Refused unless this CONNECT may go on to session work."""
+        user = incoming.username or ""
+        password = incoming.password or ""
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        client_id = incoming.client_id or ""
+        bridge_ids = client_id_owner(client_id) == BRIDGE_ACCOUNT
+        if user == BRIDGE_ACCOUNT or bridge_ids:
+            if user != BRIDGE_ACCOUNT or not hmac.compare_digest(password, self._bridge_secret):
+                raise Refused(NOT_AUTHORIZED, f"client id {client_id!r} / user {user!r} is the bridge's")
+            if not bridge_ids:
+                raise Refused(
+                    IDENTIFIER_REJECTED, f"the bridge's account may not use client id {client_id!r}"
+                )
+            return
+        if self.accounts is not None:
+            if not user or not self.accounts.verify(user, password):
+                raise Refused(NOT_AUTHORIZED, f"unknown user or wrong password for {user!r}")
+            if not client_id_allowed(user, client_id):
+                raise Refused(
+                    IDENTIFIER_REJECTED,
+                    f"{user!r} may not use client id {client_id!r} (it must be {user} or {user}:<device>)",
+                )
+        if incoming.will_flag and not self.topics.allows(
+            user or None, incoming.will_topic or "", "publish", retain=bool(incoming.will_retain)
+        ):
+            raise Refused(NOT_AUTHORIZED, f"the last will of {user!r} targets {incoming.will_topic!r}")
+        connected = persistent = 0
+        for cid, (session, _handler) in self._sessions.items():
+            if cid == client_id or (session.username or "") != user:
+                continue
+            connected += session.transitions.is_connected()
+            persistent += not session.clean_session
+        if user and connected >= self.caps.max_connections:
+            raise Refused(SERVER_UNAVAILABLE, f"{user!r} has {connected} connections already")
+        if user and not incoming.clean_session and persistent >= self.caps.max_sessions:
+            raise Refused(SERVER_UNAVAILABLE, f"{user!r} has {persistent} persistent sessions already")
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Any]:
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except AMQTTError as exc:
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            raise AMQTTError(exc) from exc
+        try:
+            self._check(incoming)
+            existing = self._sessions.get(incoming.client_id) if incoming.client_id else None
+            if existing is not None and (existing[0].username or "") != (incoming.username or ""):
+                raise Refused(IDENTIFIER_REJECTED, f"client id {incoming.client_id!r} is another user's")
+        except Refused as refused:
+            self._refuse(writer, incoming, refused)
+            await ConnackPacket.build(0, refused.code).to_stream(writer)
+            await writer.close()
+            raise MQTTError(str(refused)) from None
+        if existing is not None and existing[0].transitions.is_connected():
+            await self._take_over(*existing)
+        # From here on as amqtt does it, for a CONNECT we admitted.
+        if incoming.clean_session:
+            if incoming.client_id:
+                await self._delete_session(incoming.client_id)
+            else:
+                incoming.client_id = gen_client_id()
+            incoming.parent = 0
+            session = incoming
+        elif incoming.client_id in self._sessions:
+            session = self._sessions[incoming.client_id][0]
+            for field in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive"):
+                setattr(session, field, getattr(incoming, field))
+            session.password = incoming.password
+            session.parent = 1
+        else:
+            incoming.parent = 0
+            session = incoming
+        self._admitted[id(session)] = session
+        return handler, session
+
+    async def _take_over(self, session: Any, handler: Any) -> None:
+        """Closes a live connection whose client id a new CONNECT of its own account asked for, and waits
+        until it is gone (its will, its own, has been published)."""
+        log.info("client %s connects again: closing its previous connection", session.client_id)
+        await handler.handle_connection_closed()
+        for _ in range(200):
+            if not session.transitions.is_connected():
+                return
+            await asyncio.sleep(0.01)
+        await handler.stop()
+
+    def _refuse(self, writer: Any, incoming: Any, refused: Refused) -> None:
+        peer = writer.get_peer_info() or ("?", 0)
+        key = f"refused {peer[0]}"  # per address: new usernames do not buy more lines
+        if _LOG_LIMIT.due(key, _now_ms()):
+            log.warning("refused a connection from %s: %s", peer[0], refused)
+
+    async def _authenticate(self, session: Any, _listener: Any) -> bool:
+        """Every CONNECT that gets this far was checked (and admitted) before its session work."""
+        return self._admitted.pop(id(session), None) is session
+
+    async def _watch_accounts(self) -> None:
+        """Closes the connections of accounts removed from the password file (or whose password
+        changed) within a second."""
+        assert self.accounts is not None
+        known = dict(self.accounts.current())
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.accounts.current()
+            if now == known:
+                continue
+            gone = {u for u, h in known.items() if now.get(u) != h}
+            known = dict(now)
+            for client_id, (session, handler) in list(self._sessions.items()):
+                if session.username in gone and handler is not None and session.transitions.is_connected():
+                    log.info(
+                        "account %s removed or changed: closing its client %s", session.username, client_id
+                    )
+                    await handler.handle_connection_closed()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
+        """The topic rules first; the plugins (the flood guard) only see what the rules allow."""
+        if session is None or not self.topics.allows(session.username or None, topic, str(action)):  # type: ignore[arg-type]
+            return False
+        return bool(await super()._topic_filtering(session, topic, action))
+
+    async def _handle_message_delivery(self, client_session: Any, handler: Any, wait_deliver: Any) -> bool:
+        message = wait_deliver.result()
+        packet = getattr(message, "publish_packet", None)
+        user = client_session.username or None
+        if (
+            message is not None
+            and packet is not None
+            and packet.retain_flag
+            and message.topic
+            and not self.topics.allows(user, message.topic, "publish", retain=True)
+        ):
+            if _LOG_LIMIT.due(f"retained {user}", _now_ms()):
+                log.warning(
+                    "dropped a retained publish of %s to %s (commands are never retained)",
+                    client_session.client_id,
+                    message.topic,
+                )
+            return True
+        return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+
+    async def _handle_disconnect(self, client_session: Any, handler: Any, disconnect_waiter: Any) -> None:
+        """As amqtt's, but a will is published only where its user may publish."""
+        result = disconnect_waiter.result()
+        if (result is None or not isinstance(result, DisconnectPacket)) and client_session.will_flag:
+            topic = client_session.will_topic or ""
+            retain = bool(client_session.will_retain)
+            if self.topics.allows(client_session.username or None, topic, "publish", retain=retain):
+                await self._broadcast_message(
+                    client_session, topic, client_session.will_message, client_session.will_qos
+                )
+                if retain:
+                    await self.retain_message(
+                        client_session, topic, client_session.will_message, client_session.will_qos
+                    )
+            else:
+                log.warning("dropped the will of %s to %s: not allowed", client_session.client_id, topic)
+        await self._stop_handler(handler)
+        client_session.transitions.disconnect()
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_DISCONNECTED,
+            client_id=client_session.client_id,
+            client_session=client_session,
+        )
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Any
+    ) -> None:
+        """Queues a message for a disconnected persistent session, at most `offline_queue` of them (the
+        bridge's own session is not capped); the client catches up from the bridge's history."""
+        if (
+            target_session.username != BRIDGE_ACCOUNT
+            and target_session.retained_messages.qsize() >= self.caps.offline_queue
+        ):
+            if _LOG_LIMIT.due(f"queue {target_session.client_id}", _now_ms()):
+                log.warning(
+                    "offline queue of %s is full (%d): dropping what more comes until it reconnects",
+                    target_session.client_id,
+                    self.caps.offline_queue,
+                )
+            return
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -304,27 +573,20 @@ def flood_guard_for(rate_limit: float, rate_burst: int) -> tuple[float, int] | N
 def broker_config(
     host: str,
     port: int,
-    security: Security | None = None,
     *,
     prefix: str = "chat/v1",
     guard: tuple[float, int] | None = None,
+    caps: Caps = Caps(),
 ) -> dict[str, Any]:
-    plugins: dict[str, Any] = {"bridge.broker.KeepaliveWatchdog": {}}
+    """amqtt's configuration. Accounts and topic rules are not plugins: `EmbeddedBroker` applies them
+    before amqtt's own connection handling."""
+    plugins: dict[str, Any] = {"bridge.broker.KeepaliveWatchdog": {"max_keepalive": caps.max_keepalive}}
     if guard is not None:
         plugins["bridge.broker.FloodGuard"] = {"prefix": prefix, "rate": guard[0], "burst": guard[1]}
-    if security is None:
-        plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
-    else:
-        plugins["bridge.broker.PasswordFileAuth"] = {
-            "password_file": str(security.password_file),
-            "internal_user": security.internal_user,
-            "internal_secret": security.internal_secret,
-            "prefix": security.prefix,
-        }
-        plugins["bridge.broker.TopicRulesPlugin"] = {"prefix": security.prefix}
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         "timeout_disconnect_delay": 0,
+        "session_expiry_interval": caps.session_expiry,
         "plugins": plugins,
     }
 
@@ -336,9 +598,16 @@ async def start_broker(
     *,
     prefix: str = "chat/v1",
     guard: tuple[float, int] | None = None,
+    bridge_secret: str | None = None,
+    caps: Caps = Caps(),
 ) -> EmbeddedBroker:
-    """Starts amqtt in the running event loop (it must be built inside one)."""
+    """Starts amqtt in the running event loop (it must be built inside one).
+
+    With `security`, clients need an account of its password file; the bridge's account (client ids
+    `chat-bridge`, `chat-bridge:<worker>`) needs `security.internal_secret`. Without, anybody may
+    connect but the bridge's client ids still need `bridge_secret` (a random one if not given)."""
     check_port_free(host, port)
+    accounts = None
     if security is not None:
         if not security.password_file.is_file():
             raise BrokerStartError(
@@ -349,10 +618,19 @@ async def start_broker(
             passwords.read(security.password_file)
         except (OSError, passwords.PasswordFileError) as exc:
             raise BrokerStartError(str(exc)) from None
-    broker = EmbeddedBroker(broker_config(host, port, security, prefix=prefix, guard=guard))
+        accounts = Accounts(security.password_file)
+        bridge_secret, prefix = security.internal_secret, security.prefix
+    broker = EmbeddedBroker(
+        broker_config(host, port, prefix=prefix, guard=guard, caps=caps),
+        topics=Topics(prefix, open_access=accounts is None),
+        bridge_secret=bridge_secret or secrets.token_urlsafe(32),
+        accounts=accounts,
+        caps=caps,
+    )
     try:
         await broker.start()
     except Exception as exc:  # amqtt wraps bind errors in BrokerError
         raise BrokerStartError(f"the embedded broker could not start on {host}:{port}: {exc}") from None
+    throttle_amqtt_logs()
     log.info("embedded MQTT broker listening on %s:%d", host, port)
     return broker

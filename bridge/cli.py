@@ -477,17 +477,21 @@ def serve(settings: Settings) -> int:
 
 async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
     host, port = parse_listen(settings.listen)
-    security, address = None, None
+    # The bridge's own account, for this process only, with accounts and without: nobody else can
+    # use its client id.
+    secret = secrets.token_urlsafe(32)
+    security = None
     if settings.password_file:
-        secret = secrets.token_urlsafe(32)  # the bridge's own account, for this process only
         security = Security(Path(settings.password_file), secret, settings.topic_prefix)
-        address = BrokerAddress(settings.broker().host, port, BRIDGE_ACCOUNT, secret)
+    address = BrokerAddress(settings.broker().host, port, BRIDGE_ACCOUNT, secret)
     guard = flood_guard_for(settings.rate_limit, settings.rate_burst)
     # A busy port fails fast, before the database is touched; a bad database fails before the broker
     # starts (nothing to stop then).
     check_port_free(host, port)
     open_database(settings.database_url).dispose()
-    broker = await start_broker(host, port, security, prefix=settings.topic_prefix, guard=guard)
+    broker = await start_broker(
+        host, port, security, prefix=settings.topic_prefix, guard=guard, bridge_secret=secret
+    )
     # Commands still come over MQTT (an ordinary subscription, acknowledged after commit); events go
     # straight into the broker.
     try:
@@ -512,7 +516,9 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         "embedded broker on %s:%d (%s); database %s",
         host,
         port,
-        f"accounts from {settings.password_file}" if security else "anonymous, no access control",
+        f"accounts from {settings.password_file}"
+        if security
+        else "no accounts: anybody may send commands, only the bridge publishes events",
         redacted(settings.database_url),
     )
     await stop.wait()

@@ -216,13 +216,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
             yield url
 
 
+# The bridge's credentials on each running embedded broker's port (its client id needs them, with
+# accounts and without): `running_bridge` uses them when none are given.
+BRIDGE_CREDENTIALS: dict[int, str] = {}
+
+
 class EmbeddedBroker:
     """The embedded amqtt broker, in a thread with its own event loop."""
 
-    def __init__(self, security: object = None, guard: tuple[float, int] | None = None) -> None:
+    def __init__(
+        self, security: object = None, guard: tuple[float, int] | None = None, **options: object
+    ) -> None:
         self.security = security
         self.guard = guard
+        self.options = options
+        self.secret = getattr(security, "internal_secret", None) or "bridge-secret"
         self.port = free_port()
+        BRIDGE_CREDENTIALS[self.port] = f"chat-bridge:{self.secret}"
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -240,6 +250,8 @@ class EmbeddedBroker:
                 self.port,
                 self.security,  # type: ignore[arg-type]
                 guard=self.guard,
+                bridge_secret=self.secret,
+                **self.options,  # type: ignore[arg-type]
             )
         except BaseException as exc:
             self._error = exc
@@ -268,6 +280,7 @@ class EmbeddedBroker:
         if self._loop and self._stop:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+        BRIDGE_CREDENTIALS.pop(self.port, None)
 
 
 @pytest.fixture
@@ -285,6 +298,7 @@ def running_bridge(
     from bridge.cli import build_bridge
     from bridge.config import Settings
 
+    credentials = credentials or BRIDGE_CREDENTIALS.get(port, "")
     url = f"mqtt://{credentials + '@' if credentials else ''}127.0.0.1:{port}"
     settings.setdefault("rate_limit", 0)  # bursts in tests are deliberate; the limit has tests of its own
     settings.setdefault("cost_limit", 0)  # likewise the cost budget

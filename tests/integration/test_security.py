@@ -196,11 +196,9 @@ def test_eavesdropping_reads_nothing_of_bobs(
             assert all(t.startswith(("chat/v1/presence/", "chat/v1/bridge/status")) for t, _ in spy.got), (
                 spy.got
             )
-        # Mosquitto's plugin refuses a retained command outright; elsewhere it arrived live once
-        # (retain flag 0) and was applied once, by alice's identity
+        # Both brokers refuse a retained command outright: it is neither kept nor applied
         applied = alice.request("get-messages", conversation_id="global", since_seq=0)["data"]["messages"]
-        expected = [] if kind == "mosquitto" else [("alice", "retained secret")]
-        assert [(m["sender_id"], m["body"]) for m in applied] == expected
+        assert [(m["sender_id"], m["body"]) for m in applied] == []
         alice.stop()
         bob.stop()
 

@@ -1,0 +1,429 @@
+"""Attacks on the embedded broker with real MQTT clients: session hijacks before authentication,
+forged wills, stolen queues, the bridge's client id, floods charged to the victim, and what an account
+may hold. `serve --password-file` unless a test says otherwise."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+import pytest
+from chatclient import ChatClient
+from conftest import ACCOUNTS, EmbeddedBroker, running_bridge, write_accounts
+from paho.mqtt.enums import CallbackAPIVersion
+
+PREFIX = "chat/v1"
+
+
+@contextmanager
+def embedded(tmp_path: Path, *, accounts: bool = True, **options: Any) -> Iterator[EmbeddedBroker]:
+    """The embedded broker (with the accounts of ACCOUNTS unless told otherwise) and the bridge on it,
+    as `chat-bridge serve` runs them: the bridge's events in-process."""
+    from bridge.broker import Security
+
+    security = Security(write_accounts(tmp_path / "passwd"), "internal-secret") if accounts else None
+    broker = EmbeddedBroker(security, **options).start()
+    try:
+        with running_bridge(
+            broker.port,
+            f"sqlite:///{tmp_path / 'c.sqlite3'}",
+            credentials=f"chat-bridge:{getattr(broker, 'secret', 'internal-secret')}",
+            publisher=broker.publisher(),
+        ):
+            yield broker
+    finally:
+        broker.stop()
+
+
+def user(name: str, port: int, **kw: Any) -> ChatClient:
+    return ChatClient(name, "127.0.0.1", port, username=name, password=ACCOUNTS.get(name), **kw).start()
+
+
+class Raw:
+    """A raw paho client: connects as told and records its CONNACK, messages and disconnection."""
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        clean_session: bool = True,
+        will: tuple[str, bytes, bool] | None = None,
+        keepalive: int = 30,
+        subscribe: tuple[str, ...] = (),
+    ) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.rc: Any = None
+        self.connected = threading.Event()
+        self.answered = threading.Event()
+        self.gone = threading.Event()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session
+        )
+        self.client.reconnect_delay_set(30, 60)  # no quick automatic reconnects: we watch this one
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if will:
+            self.client.will_set(will[0], will[1], qos=1, retain=will[2])
+        self.subscribe = subscribe
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *_a: (self.gone.set(), self.answered.set())
+        self.client.on_message = lambda _c, _u, m: self.got.append((m.topic, m.payload))
+        self.subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: self.subscribed.set()
+        self.client.connect("127.0.0.1", port, keepalive=keepalive)
+        self.client.loop_start()
+        self.answered.wait(10)
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.rc = rc
+        if not rc.is_failure:
+            self.connected.set()
+            if self.subscribe:
+                client.subscribe([(t, 1) for t in self.subscribe])
+            else:
+                self.subscribed.set()
+        self.answered.set()
+
+    @property
+    def refused(self) -> bool:
+        return self.rc is None or self.rc.is_failure
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def drop(self) -> None:
+        """Vanishes without DISCONNECT (its will fires)."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+
+
+def round_trip(client: ChatClient) -> None:
+    """Everything published before this has been handled by the bridge."""
+    client.request("get-active-users")
+
+
+def dm(alice: ChatClient, other: str) -> str:
+    created = alice.request("create-conversation", kind="direct", participants=[other])
+    return str(created["data"]["conversation"]["conversation_id"])
+
+
+# -- before any session work -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accounts", [True, False], ids=["accounts", "no-accounts"])
+def test_an_unauthenticated_connect_with_the_bridges_client_id_changes_nothing(
+    tmp_path: Path, accounts: bool
+) -> None:
+    """An unauthenticated CONNECT with the bridge's client id used to delete the bridge's session and
+    subscription: no command was processed any more, status still `online`."""
+    with embedded(tmp_path, accounts=accounts) as broker:
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        for client_id, username, password in (
+            ("chat-bridge", None, None),
+            ("chat-bridge", "mallory", ACCOUNTS["mallory"]),
+            ("chat-bridge", "chat-bridge", ACCOUNTS["chat-bridge"]),  # the password file's entry
+            ("chat-bridge", "chat-bridge", "guess"),
+            ("chat-bridge:w2", "chat-bridge", "guess"),
+        ):
+            attacker = Raw(broker.port, client_id, username, password)
+            attacker.stop()
+            answer = alice.request(
+                "send-message", conversation_id="global", body=f"after {username}", timeout=5
+            )
+            assert answer["type"] == "message-added"
+            assert attacker.refused, (client_id, username)
+        alice.stop()
+
+
+def test_an_unauthenticated_connect_with_a_users_client_id_does_not_silence_them(tmp_path: Path) -> None:
+    with embedded(tmp_path) as broker:
+        alice = user("alice", broker.port)
+        bob = user("bob", broker.port, client_id="bob:phone")
+        alice.connect_chat()
+        bob.connect_chat()
+        cid = dm(alice, "bob")
+        bob.next_of("conversation-created")
+        for username, password in ((None, None), ("bob", "wrong"), ("mallory", ACCOUNTS["mallory"])):
+            attacker = Raw(broker.port, "bob:phone", username, password)
+            attacker.stop()
+            alice.request("send-message", conversation_id=cid, body=f"after {username}")
+            assert bob.next_of("message-added", timeout=5)["data"]["message"]["body"] == f"after {username}"
+            assert attacker.refused, username
+        alice.stop()
+        bob.stop()
+
+
+def test_a_refused_takeover_cannot_forge_commands_status_or_presence(tmp_path: Path) -> None:
+    """A second CONNECT with a live connection's client id (wrong or other credentials) used to copy its
+    will into the live session and publish it unchecked on the takeover: a send-message "from bob" was
+    stored, a fake bridge status and presence reached subscribers."""
+    with embedded(tmp_path) as broker:
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        alice.wait_retained(f"{PREFIX}/bridge/status", lambda s: s["status"] == "online")
+        epoch = alice.retained[f"{PREFIX}/bridge/status"]["epoch"]
+        bob = user("bob", broker.port, client_id="bob:phone")
+        bob.connect_chat()
+        wills = [
+            (f"{PREFIX}/users/bob/commands/send-message", b'{"conversation_id":"global","body":"from bob"}'),
+            (
+                f"{PREFIX}/bridge/status",
+                b'{"status":"online","epoch":"forged","since":"2026-01-01T00:00:00.000Z"}',
+            ),
+            (
+                f"{PREFIX}/presence/bob",
+                b'{"user_id":"bob","status":"offline","since":"2026-01-01T00:00:00.000Z"}',
+            ),
+        ]
+        for topic, payload in wills:
+            for username, password in (("bob", "wrong"), ("mallory", ACCOUNTS["mallory"]), (None, None)):
+                attacker = Raw(broker.port, "bob:phone", username, password, will=(topic, payload, True))
+                attacker.stop()
+        round_trip(alice)
+        messages = alice.request("get-messages", conversation_id="global", since_seq=0)["data"]["messages"]
+        assert [m["body"] for m in messages] == []
+        assert alice.retained[f"{PREFIX}/bridge/status"]["epoch"] == epoch
+        assert alice.retained.get(f"{PREFIX}/presence/bob", {}).get("status") == "online"
+        # bob's own connection is still there and still hears
+        alice.request("send-message", conversation_id="global", body="hello bob")
+        assert bob.next_of("message-added")["data"]["message"]["body"] == "hello bob"
+        alice.stop()
+        bob.stop()
+
+
+def test_a_will_is_checked_when_it_is_published(tmp_path: Path) -> None:
+    """bob's own reconnect takes over his live connection: the old connection's own will fires (its
+    session ends), never the new connection's, and bob's new session stays."""
+    with embedded(tmp_path) as broker:
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        first = user("bob", broker.port, client_id="bob:phone")
+        first.connect_chat()
+        second = user("bob", broker.port, client_id="bob:phone")  # takes over: first's will fires
+        second.connect_chat()
+        first.client.loop_stop()
+        round_trip(alice)
+        active = [u["user_id"] for u in alice.request("get-active-users")["data"]["users"]]
+        assert active == ["alice", "bob"], active
+        alice.request("send-message", conversation_id="global", body="to the new one")
+        assert second.next_of("message-added")["data"]["message"]["body"] == "to the new one"
+        alice.stop()
+        second.stop()
+
+
+def test_nobody_reads_another_users_queued_messages(tmp_path: Path) -> None:
+    """Mallory, with her own password and bob's client id, clean session false, used to receive bob's
+    queued message-added events."""
+    with embedded(tmp_path) as broker:
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        bob = user("bob", broker.port, client_id="bob:phone", clean_session=False)
+        bob.connect_chat()
+        cid = dm(alice, "bob")
+        bob.stop()
+        for i in range(3):
+            alice.request("send-message", conversation_id=cid, body=f"secret {i}")
+        mallory = Raw(
+            broker.port,
+            "bob:phone",
+            "mallory",
+            ACCOUNTS["mallory"],
+            clean_session=False,
+            subscribe=(f"{PREFIX}/users/bob/inbox",),
+        )
+        assert mallory.refused
+        time.sleep(0.5)  # what a resumed session would have replayed at once
+        mallory.stop()
+        assert [p for _t, p in mallory.got if b"secret" in p] == []
+        alice.stop()
+
+
+# -- publishing -------------------------------------------------------------------------------
+
+
+def test_denied_publishes_do_not_drain_the_victims_flood_bucket(tmp_path: Path) -> None:
+    """Mallory publishing (denied) to bob's command topic used to drain bob's bucket in the embedded
+    flood guard: bob got a few of his answers."""
+    with embedded(tmp_path, guard=(5.0, 20)) as broker:
+        bob = user("bob", broker.port)
+        bob.connect_chat()
+        mallory = Raw(broker.port, "mallory:flood", "mallory", ACCOUNTS["mallory"])
+        for i in range(100):
+            mallory.client.publish(
+                f"{PREFIX}/users/bob/commands/get-active-users", orjson.dumps({"request_id": f"m{i}"}), qos=1
+            )
+        mallory.publish(f"{PREFIX}/users/bob/commands/get-active-users", b"{}")
+        mallory.stop()
+        rids = [bob.send("get-active-users") for _ in range(10)]
+        for rid in rids:
+            assert bob.answer(rid)["type"] == "active-users"
+        bob.stop()
+
+
+def test_unknown_and_retained_commands_never_reach_the_bridge(tmp_path: Path) -> None:
+    with embedded(tmp_path) as broker:
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        alice.send("fly", request_id="unknown")
+        alice.client.publish(
+            alice.topic("send-message"),
+            orjson.dumps({"request_id": "kept", "conversation_id": "global", "body": "kept"}),
+            qos=1,
+            retain=True,
+        ).wait_for_publish(10)
+        round_trip(alice)
+        assert [e for e in alice.seen if e.get("request_id") in ("unknown", "kept")] == []
+        assert alice.request("get-messages", conversation_id="global", since_seq=0)["data"]["messages"] == []
+        assert not any(t.startswith(f"{PREFIX}/users/") for t in broker.broker._retained_messages)
+        alice.stop()
+
+
+def test_without_accounts_only_the_bridge_publishes_outside_command_topics(tmp_path: Path) -> None:
+    """Without accounts anybody could delete the retained bridge status and presence (an empty
+    retained publish) and the bridge never restored them."""
+    with embedded(tmp_path, accounts=False) as broker:
+        alice = ChatClient("alice", "127.0.0.1", broker.port).start()
+        alice.connect_chat()
+        alice.wait_retained(f"{PREFIX}/bridge/status", lambda s: s["status"] == "online")
+        vandal = Raw(broker.port, "vandal")
+        assert not vandal.refused
+        for topic in (f"{PREFIX}/bridge/status", f"{PREFIX}/presence/alice"):
+            vandal.publish(topic, b"", retain=True)
+            vandal.publish(topic, b'{"status":"offline"}', retain=True)
+        vandal.publish(f"{PREFIX}/users/bob/inbox", b'{"type":"message-added"}')
+        vandal.stop()
+        late = Raw(
+            broker.port,
+            "late",
+            subscribe=(f"{PREFIX}/bridge/status", f"{PREFIX}/presence/+", f"{PREFIX}/users/+/inbox"),
+        )
+        assert late.subscribed.wait(10)
+        round_trip(alice)
+        deadline = time.monotonic() + 5
+        while len({t for t, _ in late.got}) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen = dict(late.got)
+        assert orjson.loads(seen[f"{PREFIX}/bridge/status"])["status"] == "online"
+        assert orjson.loads(seen[f"{PREFIX}/presence/alice"])["status"] == "online"
+        assert f"{PREFIX}/users/bob/inbox" not in seen
+        late.stop()
+        alice.stop()
+
+
+# -- what an account may hold ----------------------------------------------------------------------
+
+
+def test_connections_and_persistent_sessions_are_capped_per_account(tmp_path: Path) -> None:
+    from bridge.broker import Caps
+
+    with embedded(tmp_path, caps=Caps(max_connections=3, max_sessions=2)) as broker:
+        held = [Raw(broker.port, f"mallory:c{i}", "mallory", ACCOUNTS["mallory"]) for i in range(3)]
+        assert not any(c.refused for c in held)
+        extra = Raw(broker.port, "mallory:c3", "mallory", ACCOUNTS["mallory"])
+        assert extra.refused
+        for c in (*held, extra):
+            c.stop()
+        kept = []
+        for i in range(2):
+            c = Raw(broker.port, f"mallory:p{i}", "mallory", ACCOUNTS["mallory"], clean_session=False)
+            assert not c.refused
+            c.stop()
+            kept.append(c)
+        third = Raw(broker.port, "mallory:p2", "mallory", ACCOUNTS["mallory"], clean_session=False)
+        assert third.refused
+        third.stop()
+        # the same device comes back: that is not a new session
+        again = Raw(broker.port, "mallory:p0", "mallory", ACCOUNTS["mallory"], clean_session=False)
+        assert not again.refused
+        again.stop()
+        # others are not affected by mallory's count
+        bob = Raw(broker.port, "bob:p0", "bob", ACCOUNTS["bob"], clean_session=False)
+        assert not bob.refused
+        bob.stop()
+
+
+def test_an_offline_persistent_sessions_queue_is_bounded(tmp_path: Path) -> None:
+    from bridge.broker import Caps
+
+    with embedded(tmp_path, caps=Caps(offline_queue=5)) as broker:
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        bob = user("bob", broker.port, client_id="bob:phone", clean_session=False)
+        bob.connect_chat()
+        cid = dm(alice, "bob")
+        bob.stop()
+        for i in range(20):
+            alice.request("send-message", conversation_id=cid, body=f"m{i}")
+        session, _handler = broker.broker._sessions["bob:phone"]
+        assert session.retained_messages.qsize() == 5
+        alice.stop()
+
+
+def test_removing_an_account_closes_its_connections(tmp_path: Path) -> None:
+    from bridge import passwords
+
+    with embedded(tmp_path) as broker:
+        mallory = Raw(broker.port, "mallory:x", "mallory", ACCOUNTS["mallory"])
+        bob = Raw(broker.port, "bob:x", "bob", ACCOUNTS["bob"])
+        assert not mallory.refused and not bob.refused
+        path = tmp_path / "passwd"
+        entries = passwords.read(path)
+        del entries["mallory"]
+        passwords.write(path, entries)
+        assert mallory.gone.wait(10)
+        assert not bob.gone.is_set()
+        again = Raw(broker.port, "mallory:y", "mallory", ACCOUNTS["mallory"])
+        assert again.refused
+        for c in (mallory, bob, again):
+            c.stop()
+
+
+def test_keepalive_zero_does_not_keep_a_frozen_client_online(tmp_path: Path) -> None:
+    from bridge.broker import Caps
+
+    with embedded(tmp_path, caps=Caps(max_keepalive=1)) as broker:
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        frozen = ChatClient(
+            "bob", "127.0.0.1", broker.port, username="bob", password=ACCOUNTS["bob"], keepalive=0
+        ).start()
+        frozen.connect_chat()
+        frozen.client.loop_stop()  # frozen: the socket stays open, nothing more is sent
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            active = [u["user_id"] for u in alice.request("get-active-users")["data"]["users"]]
+            if active == ["alice"]:
+                break
+            time.sleep(0.2)
+        assert active == ["alice"]
+        alice.stop()
+
+
+def test_refused_connections_are_logged_at_a_bounded_rate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with embedded(tmp_path) as broker:
+        caplog.clear()
+        for i in range(30):
+            Raw(broker.port, f"mallory:g{i}", "mallory", f"guess-{i}").stop()
+        refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+        assert len(refusals) <= 1, len(refusals)  # one a minute per address (earlier tests count)
+        from_amqtt = [r for r in caplog.records if r.name.startswith("amqtt") and r.levelno >= 30]
+        assert len(from_amqtt) <= 10, [r.getMessage() for r in from_amqtt]
+        assert not any(r.exc_info for r in caplog.records if r.name.startswith(("bridge.broker", "amqtt")))
