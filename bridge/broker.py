@@ -219,6 +219,14 @@ class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
+class AnyTopic(Topics):
+    """No topic rules: for tests of MQTT clients that use the embedded broker as a plain broker."""
+
+    def allows(self, username: str | None, topic: str, action: Any, *, retain: bool = False) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
 class Caps:
     """What one account may hold in the embedded broker (the bridge's account is not capped)."""
 
@@ -600,12 +608,14 @@ async def start_broker(
     guard: tuple[float, int] | None = None,
     bridge_secret: str | None = None,
     caps: Caps = Caps(),
+    topic_rules: bool = True,
 ) -> EmbeddedBroker:
     """Starts amqtt in the running event loop (it must be built inside one).
 
     With `security`, clients need an account of its password file; the bridge's account (client ids
     `chat-bridge`, `chat-bridge:<worker>`) needs `security.internal_secret`. Without, anybody may
-    connect but the bridge's client ids still need `bridge_secret` (a random one if not given)."""
+    connect but the bridge's client ids still need `bridge_secret` (a random one if not given).
+    `topic_rules=False` lets anybody publish and read anything (tests of MQTT clients only)."""
     check_port_free(host, port)
     accounts = None
     if security is not None:
@@ -622,7 +632,7 @@ async def start_broker(
         bridge_secret, prefix = security.internal_secret, security.prefix
     broker = EmbeddedBroker(
         broker_config(host, port, prefix=prefix, guard=guard, caps=caps),
-        topics=Topics(prefix, open_access=accounts is None),
+        topics=Topics(prefix, open_access=accounts is None) if topic_rules else AnyTopic(prefix),
         bridge_secret=bridge_secret or secrets.token_urlsafe(32),
         accounts=accounts,
         caps=caps,

@@ -271,6 +271,9 @@ class Topics:
             f"topic readwrite {self.status}",
             f"topic write {p}/notifications/+",
             f"topic write {self.command(BRIDGE_ACCOUNT, PROBE_COMMAND)}",
+            # Mosquitto's count of the messages it dropped (a full client queue among them); the
+            # embedded broker has no $SYS topics.
+            "topic read $SYS/broker/publish/messages/dropped",
             f"user {OBSERVER_ACCOUNT}",
             f"topic read {p}/conversations/#",
             f"user {PUSH_ACCOUNT}",

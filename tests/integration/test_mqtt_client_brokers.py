@@ -131,12 +131,8 @@ def test_will_on_abrupt_loss_and_none_on_disconnect(port: int) -> None:
 def test_persistent_session_gets_what_was_queued_while_offline(
     port: int, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "amqtt":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True, reason="amqtt 0.12.1 keeps a persistent session's queue but never delivers it"
-            )
-        )
+    # amqtt 0.12.1 keeps no queue for sessions its anonymous-auth plugin marks anonymous; the embedded
+    # broker checks connections itself and marks none, so this holds for it too.
     name = ids()
 
     async def scenario() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bridge import protocol as p
@@ -194,3 +196,9 @@ def test_schema_addresses_come_from_the_layout() -> None:
     assert bindings["bridgeStatus"]["mqtt"]["retain"] is retained("status")
     assert bindings["inbox"]["mqtt"]["retain"] is retained("inbox")
     assert bindings["commands"]["mqtt"]["retain"] is False
+
+
+def test_mosquitto_acl_says_the_same() -> None:
+    acl = Path(__file__).parents[2] / "mosquitto" / "acl"
+    lines = [line.strip() for line in acl.read_text().splitlines()]
+    assert [line for line in lines if line and not line.startswith("#")] == T.mosquitto_acl()
