@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -286,9 +287,63 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             self._account_task = asyncio.get_running_loop().create_task(self._watch_accounts())
 
     async def shutdown(self) -> None:
+        """Delivers what was already published (the bridge's `offline` status above all) before
+        amqtt drops its sessions: amqtt's own shutdown ends the sessions first and loses it."""
         if self._account_task is not None:
             self._account_task.cancel()
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and (
+            not self._broadcast_queue.empty() or any(not t.done() for t in self._tasks_queue)
+        ):
+            await asyncio.sleep(0.01)
         await super().shutdown()
+
+    async def announce_offline(self, topic: str, epoch: str, since: str) -> None:
+        """Publishes the bridge's `offline` status in-process unless it is retained already: the bridge's
+        MQTT connection may not have got it through before disconnecting (amqtt acknowledges a PUBLISH
+        before routing it, and drops it when the DISCONNECT overtakes it)."""
+        retained = self._retained_messages.get(topic)
+        if retained is not None:
+            try:
+                current = orjson.loads(bytes(retained.data))
+            except orjson.JSONDecodeError:
+                current = None
+            if (
+                isinstance(current, dict)
+                and current.get("status") == "offline"
+                and current.get("epoch") == epoch
+            ):
+                return
+        payload = orjson.dumps({"status": "offline", "epoch": epoch, "since": since})
+        await self.retain_message(None, topic, payload, 1)
+        await self.internal_message_broadcast(topic, payload)
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        """amqtt's, over a snapshot of the subscriptions: it awaits the topic rules inside its loop, and a
+        session ending meanwhile changed the dictionary under it (`dictionary changed size during
+        iteration`, the broadcast loop gone, `offline` never delivered)."""
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for a_filter, subscriptions in list(self._subscriptions.items()):
+            if not self._matches(topic, a_filter):
+                continue
+            for target_session, sub_qos in list(subscriptions):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    continue
+                connected = target_session.transitions.state == "connected"
+                if not connected and not target_session.clean_session and qos in (1, 2):
+                    await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+                if not connected:
+                    continue
+                handler = self._get_handler(target_session)
+                if handler:
+                    running_tasks.append(
+                        asyncio.ensure_future(
+                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                        )
+                    )
 
     # -- admission, before any session work --------------------------------------------------
 

@@ -44,6 +44,7 @@ from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, CostBudget, RateLimiter
 from .metrics import Health, Metrics, Summary, database_probe
 from .model import User
 from .mqtt import MqttBridge, Publisher
+from .protocol import iso_ms
 from .service import Service, new_id, wall_clock_ms
 from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
 from .topics import BRIDGE_ACCOUNT, SERVICE_ACCOUNTS, Topics, is_user_id
@@ -524,5 +525,8 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
     await stop.wait()
     log.info("shutting down")
     await loop.run_in_executor(None, bridge.stop)
+    await broker.announce_offline(
+        Topics(settings.topic_prefix).status, bridge.service.epoch, iso_ms(bridge.service.clock())
+    )
     await broker.shutdown()
     return 0
