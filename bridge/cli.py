@@ -123,6 +123,26 @@ OPTIONS = (
         DEFAULT_HTTP_LISTEN,
         "host:port of the HTTP server (/healthz, /metrics, the browser client at /); off: none",
     ),
+    (
+        "--nats-url",
+        "CHAT_BRIDGE_NATS_URL",
+        None,
+        "scale-out: run as one worker of a group over this NATS cluster (comma-separated nats:// URLs "
+        "with the bridge's account); --broker-url then names the cluster's MQTT listener for the "
+        "retained topics (default: the first NATS host, port 1883)",
+    ),
+    (
+        "--partitions",
+        "CHAT_BRIDGE_PARTITIONS",
+        "64",
+        "scale-out: partitions of the command log, as in the NATS configuration's mapping",
+    ),
+    (
+        "--lease",
+        "CHAT_BRIDGE_LEASE",
+        "10",
+        "scale-out: seconds a worker's partitions stay its own without a heartbeat (then others take them)",
+    ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     (
         "--log-summary",
@@ -294,6 +314,26 @@ def users_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(value: str, option: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise ConfigError(f"{option} takes a number of seconds above 0, not {value!r}")
+    return number
+
+
+def _partitions(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"--partitions takes a whole number of at least 1, not {value!r}")
+    return count
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     parse_listen(args.listen)
     try:
@@ -337,6 +377,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_event=max_event,
         http_listen=http_listen,
         log_summary=summary,
+        nats_url=args.nats_url or None,
+        partitions=_partitions(args.partitions),
+        lease=_positive(args.lease, "--lease"),
     )
     settings.broker()  # validates the URL
     check_database_url(settings.database_url)
@@ -456,6 +499,10 @@ def serve(settings: Settings) -> int:
         )
     monitoring = Monitoring(settings)  # before anything else: a taken port fails fast
     try:
+        if settings.nats_url:
+            from .worker import serve_worker
+
+            return asyncio.run(serve_worker(settings, is_transient))
         if settings.broker_url:
             bridge = build_bridge(settings, metrics=monitoring.metrics, health=monitoring.health)
             stop = threading.Event()

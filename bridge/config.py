@@ -76,6 +76,9 @@ class Settings:
     cost_burst: int = 500
     cost_total: float = 4000.0  # events per second of all users; past it, light users come first
     presence: str = "broadcast"  # or "retained": presence only in the retained presence topics
+    nats_url: str | None = None  # scale-out: one worker of a group over a NATS cluster
+    partitions: int = 64  # scale-out: partitions of the command log (the NATS mapping's count)
+    lease: float = 10.0  # scale-out: seconds a worker's leases last without a heartbeat
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
     http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off
     log_summary: float = 60.0  # seconds between throughput lines in the log; 0: none

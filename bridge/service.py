@@ -210,22 +210,31 @@ class Service:
         self._flood_warning = OncePer(60_000)  # one warning per rate-limited user per minute
 
     def handle_batch(
-        self, items: Sequence[Inbound], published: Sequence[str] = (), *, admitted: bool = False
+        self,
+        items: Sequence[Inbound],
+        published: Sequence[str] = (),
+        *,
+        admitted: bool = False,
+        within: Callable[[Store], None] | None = None,
     ) -> Batch:
         """Applies the commands in order in one transaction, which also stores their events in the
         outbox and forgets the `published` batches; returns what to publish once it committed.
 
         Commands over their sender's rate limit are refused before any parsing or storage work,
         unless the caller did that already (`admitted`: the MQTT adapter refuses without storage).
+        `within` runs first inside the transaction: a scale-out worker fences the batch there
+        (raising aborts the whole transaction).
         """
         out: list[core.Delivery] = []
         self._registered = set()
         self._wire = {}
-        if items and not published and all(item.command == "typing" for item in items):
+        if items and not published and within is None and all(item.command == "typing" for item in items):
             return self._ephemeral(items, admitted)
         charged: list[tuple[str, int]] = []
         try:
             with self.uow.transaction() as store:
+                if within is not None:
+                    within(store)
                 store.forget_outbox(published)
                 for item in items:
                     refused = None if admitted else self.refusal(item)

@@ -1,0 +1,198 @@
+"""The NATS server configuration of the scale-out mode, written from one place.
+
+A NATS cluster carries the chat for any number of workers: MQTT clients connect to its MQTT
+listeners and see the topics of the protocol; the workers talk NATS and JetStream. Everything a
+node needs about the chat lives in one account (`CHAT`), in `chat.conf`:
+
+- the partition mapping: every command a user publishes (subject
+  `chat.v1.users.<user>.commands.<command>`) becomes `cmd.<P>.<user>.<command>`, P chosen by a hash
+  of the user id, so that one partition holds all of a user's commands in publication order;
+- the accounts (`users.conf`, included): the bridge's workers may do anything in the account; a chat
+  user may publish only its own (mapped) commands and read only its inbox, presence and the bridge
+  status; observers read conversation topics; a push gateway reads notifications.
+
+NATS checks publish permissions *after* the mapping (`cmd.*.<user>.*`). Last wills are not
+mapped (NATS publishes them under their MQTT topic): the workers route them into the partitions.
+The hash is FNV-1a (32 bit) of the user id modulo the number of partitions, as NATS computes
+`{{partition(n,1)}}`; `partition_of` is the same function.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PARTITIONS = 64
+BRIDGE_ACCOUNT = "chat-bridge"
+OBSERVER_ACCOUNT = "chat-observer"
+PUSH_GATEWAY_ACCOUNT = "chat-push"
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """The partition NATS's `{{partition(partitions,1)}}` puts this user's commands in."""
+    h = 0x811C9DC5
+    for byte in user_id.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
+
+
+def subject_prefix(topic_prefix: str) -> str:
+    """`chat/v1` -> `chat.v1`: NATS's MQTT listener turns `/` into `.`."""
+    return topic_prefix.replace("/", ".")
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """The NATS subjects of the scale-out mode for one topic prefix."""
+
+    prefix: str  # e.g. chat.v1
+
+    @classmethod
+    def for_topic_prefix(cls, topic_prefix: str) -> Subjects:
+        return cls(subject_prefix(topic_prefix))
+
+    @property
+    def commands(self) -> str:
+        return f"{self.prefix}.users.*.commands.*"
+
+    @property
+    def mapped_commands(self) -> str:
+        return "cmd.{{partition(%d,1)}}.{{wildcard(1)}}.{{wildcard(2)}}"
+
+    def partition_filter(self, partition: int) -> str:
+        """The subject, in the MQTT message stream, of one partition's commands."""
+        return f"$MQTT.msgs.cmd.{partition}.>"
+
+    @property
+    def wills(self) -> str:
+        """Where last wills land in the MQTT message stream (NATS does not map them)."""
+        return f"$MQTT.msgs.{self.prefix}.users.*.commands.disconnect"
+
+    def routed(self, partition: int, user_id: str, command: str) -> str:
+        return f"$MQTT.msgs.cmd.{partition}.{user_id}.{command}"
+
+    def qos1(self, topic: str) -> str:
+        """Publishing here through JetStream reaches MQTT subscribers at QoS 1, persistent sessions
+        that are offline included (a core NATS publish would reach them at QoS 0, live ones only)."""
+        return "$MQTT.msgs." + topic.replace("/", ".")
+
+    @staticmethod
+    def qos0(topic: str) -> str:
+        return topic.replace("/", ".")
+
+
+def account_conf(topic_prefix: str = "chat/v1", partitions: int = DEFAULT_PARTITIONS) -> str:
+    s = Subjects.for_topic_prefix(topic_prefix)
+    mapped = s.mapped_commands % partitions
+    return f"""# The chat account, shared by every NATS node of the cluster (written by bridge/natsconf.py).
+#
+# Each command a user publishes over MQTT (topic {topic_prefix}/users/<user>/commands/<command>) is
+# mapped to the subject cmd.<P>.<user>.<command>, P one of {partitions} partitions chosen by a hash of the
+# user id: all of a user's commands land in one partition, in the order they were published. The
+# number of partitions is fixed for the life of the data: every worker runs with the same
+# --partitions ({partitions}).
+accounts {{
+  CHAT {{
+    jetstream: enabled
+    mappings = {{
+      "{s.commands}": "{mapped}"
+    }}
+    include "users.conf"
+  }}
+}}
+"""
+
+
+def _q(value: str) -> str:
+    return json.dumps(value)
+
+
+def user_entry(user_id: str, password_hash: str, topic_prefix: str = "chat/v1") -> str:
+    """One account of users.conf, with the permissions of its kind."""
+    s = Subjects.for_topic_prefix(topic_prefix)
+    if user_id == BRIDGE_ACCOUNT:
+        return f"  {{user: {_q(user_id)}, password: {_q(password_hash)}}}"
+    if user_id == OBSERVER_ACCOUNT:
+        sub = ["$MQTT.sub.>", f"{s.prefix}.conversations.*.events", f"{s.prefix}.bridge.status"]
+        pub: list[str] = []
+    elif user_id == PUSH_GATEWAY_ACCOUNT:
+        sub = ["$MQTT.sub.>", f"{s.prefix}.notifications.*", f"{s.prefix}.bridge.status"]
+        pub = []
+    else:
+        sub = [
+            "$MQTT.sub.>",
+            f"{s.prefix}.users.{user_id}.inbox",
+            f"{s.prefix}.presence.*",
+            f"{s.prefix}.bridge.status",
+        ]
+        # Its commands arrive mapped; its last will does not (NATS publishes wills unmapped).
+        pub = [f"cmd.*.{user_id}.*", f"{s.prefix}.users.{user_id}.commands.disconnect"]
+    pub_allow = ", ".join(_q(x) for x in pub) if pub else ""
+    publish = f"publish: {{allow: [{pub_allow}]}}" if pub else 'publish: {deny: [">"]}'
+    return (
+        f"  {{user: {_q(user_id)}, password: {_q(password_hash)}, permissions: {{\n"
+        f"     {publish},\n"
+        f"     subscribe: {{allow: [{', '.join(_q(x) for x in sub)}]}}\n"
+        f'   }}, allowed_connection_types: ["MQTT"]}}'
+    )
+
+
+def users_conf(accounts: Mapping[str, str], topic_prefix: str = "chat/v1") -> str:
+    """users.conf for these accounts (user id -> bcrypt hash)."""
+    lines = [
+        "# The accounts of the chat (written by `chat-bridge users --nats-users`): do not edit by hand.",
+        "users = [",
+        *(user_entry(u, h, topic_prefix) for u, h in sorted(accounts.items())),
+        "]",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_users(path: Path) -> dict[str, str]:
+    """The accounts of a users.conf written by `users_conf` (user id -> password hash)."""
+    accounts: dict[str, str] = {}
+    if not path.exists():
+        return accounts
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("{user: "):
+            continue
+        user = json.JSONDecoder().raw_decode(line[len("{user: ") :])[0]
+        rest = line[line.index("password: ") + len("password: ") :]
+        accounts[user] = json.JSONDecoder().raw_decode(rest)[0]
+    return accounts
+
+
+def bcrypt_hash(password: str) -> str:
+    import bcrypt  # only the NATS accounts need it
+
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(11)).decode()
+
+
+def node_conf(
+    name: str,
+    *,
+    client: str,
+    mqtt: str,
+    store_dir: str,
+    cluster: str | None = None,
+    routes: list[str] | None = None,
+    cluster_name: str = "chat",
+) -> str:
+    """One node's configuration; with `cluster`, a member of a cluster whose routes are given."""
+    lines = [
+        f"# NATS node {name} of the chat (written by bridge/natsconf.py).",
+        f"server_name: {name}",
+        f"listen: {client}",
+        f"jetstream {{ store_dir: {_q(store_dir)} }}",
+        "# MQTT 3.1.1 for the chat clients; with a cluster the MQTT streams are replicated on 3 nodes.",
+        f"mqtt {{ listen: {mqtt}{', stream_replicas: 3' if cluster else ''} }}",
+    ]
+    if cluster:
+        route_list = ", ".join(_q(r) for r in routes or [])
+        lines.append(f"cluster {{ name: {cluster_name}, listen: {cluster}, routes: [{route_list}] }}")
+    lines += ['include "chat.conf"', ""]
+    return "\n".join(lines)

@@ -1,0 +1,350 @@
+"""Scale-out: workers over a real NATS cluster on loopback and one PostgreSQL database.
+
+Each scenario sends acknowledged commands (QoS 1 PUBACK from NATS) while workers or NATS nodes are
+killed, paused or added, then checks the database: every acknowledged message stored exactly once,
+`seq` gapless, each user's messages in the order they were sent, last wills applied after the
+user's earlier commands.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from chatclient import ChatClient
+from conftest import ROOT
+from natscluster import NatsCluster, nats_available
+from sqlalchemy import create_engine, text
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(
+        not nats_available(), reason="nats-server is not installed (Debian package nats-server)"
+    ),
+]
+
+PARTITIONS = 16
+USERS = [f"u{i}" for i in range(6)]
+ACCOUNTS = {"chat-bridge": "bridge-pw", **{u: f"{u}-pw" for u in USERS}}
+
+
+class WorkerProc:
+    """`chat-bridge serve --nats-url ...` in a process of its own, its log kept."""
+
+    def __init__(self, cluster: NatsCluster, database_url: str, node: int = 0, lease: float = 3) -> None:
+        n = cluster.nodes[node]
+        urls = ",".join(f"nats://chat-bridge:bridge-pw@127.0.0.1:{x.client_port}" for x in cluster.nodes)
+        self.log: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bridge",
+                "serve",
+                "--nats-url",
+                urls,
+                "--broker-url",
+                f"mqtt://chat-bridge:bridge-pw@127.0.0.1:{n.mqtt_port}",
+                "--database-url",
+                database_url,
+                "--partitions",
+                str(PARTITIONS),
+                "--lease",
+                str(lease),
+                "--session-grace",
+                "2",
+                "--rate-limit",
+                "0",
+            ],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def text(self) -> str:
+        return "".join(self.log)
+
+    def wait_log(self, needle: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise TimeoutError(f"worker log never said {needle!r}:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        print(f"--- worker pid {self.proc.pid}\n{self.text()[-4000:]}")  # shown when a test fails
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def pg_url(postgres_url: str) -> str:
+    return postgres_url
+
+
+def make_cluster(tmp_path: Path, size: int) -> NatsCluster:
+    return NatsCluster(tmp_path / "nats", ACCOUNTS, size=size, partitions=PARTITIONS).start()
+
+
+@pytest.fixture
+def cluster1(tmp_path: Path) -> Iterator[NatsCluster]:
+    c = make_cluster(tmp_path, 1)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[NatsCluster]:
+    c = make_cluster(tmp_path, 3)
+    yield c
+    c.stop()
+
+
+def client(
+    cluster: NatsCluster, user: str, node: int = 0, device: str | None = None, **kw: object
+) -> ChatClient:
+    """A chat client on one of the nodes; `device` gives it a fixed client id (else a random one)."""
+    n = cluster.nodes[node % len(cluster.nodes)]
+    cid = f"{user}:{device or os.urandom(4).hex()}"
+    return ChatClient(
+        user, "127.0.0.1", n.mqtt_port, client_id=cid, username=user, password=f"{user}-pw", **kw
+    ).start(60)
+
+
+class Load:
+    """Each user sends `count` numbered messages into a group of all users, from its own thread,
+    one acknowledged publish after the other; `acked` counts the PUBACKs."""
+
+    def __init__(self, clients: list[ChatClient], conversation: str, count: int, pace: float = 0.005) -> None:
+        self.clients, self.conversation, self.count, self.pace = clients, conversation, count, pace
+        self.acked = {c.user: 0 for c in clients}
+        self.threads = [threading.Thread(target=self._send, args=(c,), daemon=True) for c in clients]
+
+    def _send(self, c: ChatClient) -> None:
+        for i in range(self.count):
+            body = f"{c.user}-{i}".encode()
+            payload = b'{"conversation_id":"%s","body":"%s"}' % (self.conversation.encode(), body)
+            while True:
+                info = c.client.publish(c.topic("send-message"), payload, qos=1)
+                try:
+                    info.wait_for_publish(60)
+                except (RuntimeError, ValueError):
+                    time.sleep(0.2)
+                    continue
+                if info.is_published():
+                    break
+            self.acked[c.user] = i + 1
+            time.sleep(self.pace)
+
+    def start(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def join(self, timeout: float = 120) -> None:
+        for t in self.threads:
+            t.join(timeout)
+        assert all(n == self.count for n in self.acked.values()), self.acked
+
+
+def stored(database_url: str, conversation: str) -> list[tuple[int, str, str]]:
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT seq, sender_id, body FROM messages WHERE conversation_id = :c ORDER BY seq"),
+            {"c": conversation},
+        ).fetchall()
+    engine.dispose()
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+def wait_stored(
+    database_url: str, conversation: str, want: int, timeout: float = 90
+) -> list[tuple[int, str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = stored(database_url, conversation)
+        if len(rows) >= want or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def check(rows: list[tuple[int, str, str]], users: list[str], count: int) -> None:
+    """Exactly once, gapless, in each sender's order."""
+    bodies = [b for _, _, b in rows]
+    assert len(bodies) == len(set(bodies)), "a command was applied twice"
+    assert [s for s, _, _ in rows] == list(range(1, len(rows) + 1)), "seq has gaps"
+    for u in users:
+        mine = [int(b.split("-")[1]) for _, s, b in rows if s == u]
+        assert mine == list(range(count)), f"{u}: {mine[:10]}… not every acknowledged message, in order"
+
+
+def group_of_all(cluster: NatsCluster) -> tuple[list[ChatClient], str]:
+    clients = [client(cluster, u, i) for i, u in enumerate(USERS)]
+    for c in clients:
+        assert c.connect_chat()["type"] == "connected"
+    created = clients[0].request("create-conversation", kind="group", participants=USERS[1:], timeout=30)
+    return clients, created["data"]["conversation"]["conversation_id"]
+
+
+def leases(database_url: str) -> dict[str, int]:
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT owner, count(*) FROM partition_leases WHERE partition >= 0 "
+                "AND owner IS NOT NULL GROUP BY owner"
+            )
+        ).fetchall()
+    engine.dispose()
+    return {str(o): int(n) for o, n in rows}
+
+
+def wait_balanced(database_url: str, workers: int, timeout: float = 30) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        owned = leases(database_url)
+        if len(owned) == workers and sum(owned.values()) == PARTITIONS:
+            if max(owned.values()) - min(owned.values()) <= 1:
+                return owned
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"partitions never balanced over {workers} workers: {owned}")
+        time.sleep(0.2)
+
+
+def test_two_workers_share_the_partitions_and_chat_works(cluster1: NatsCluster, pg_url: str) -> None:
+    first = client(cluster1, "u0")  # the first MQTT connection creates NATS's MQTT streams
+    workers = [WorkerProc(cluster1, pg_url) for _ in range(2)]
+    try:
+        first.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        owned = wait_balanced(pg_url, 2)
+        assert sorted(owned.values()) == [8, 8]
+        bob = client(cluster1, "u1", 1)
+        first.connect_chat()
+        bob.connect_chat()
+        conv = first.request("create-conversation", kind="direct", participants=["u1"], timeout=30)
+        cid = conv["data"]["conversation"]["conversation_id"]
+        for i in range(5):
+            first.send("send-message", conversation_id=cid, body=f"hello {i}")
+        assert [bob.next_of("message-added", 30)["data"]["message"]["body"] for _ in range(5)] == [
+            f"hello {i}" for i in range(5)
+        ]
+        # bob goes offline (persistent session), u0 writes, bob comes back and gets it at QoS 1
+        persistent = client(cluster1, "u1", 0, "phone", clean_session=False)
+        persistent.client.disconnect()
+        persistent.client.loop_stop()
+        first.request("send-message", conversation_id=cid, body="while you were away", timeout=30)
+        again = client(cluster1, "u1", 0, "phone", clean_session=False)
+        assert again.next_of("message-added", 30)["data"]["message"]["body"] == "while you were away"
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_sigkill_a_worker_loses_nothing_and_applies_nothing_twice(cluster1: NatsCluster, pg_url: str) -> None:
+    probe = client(cluster1, "u0")
+    workers = [WorkerProc(cluster1, pg_url) for _ in range(2)]
+    try:
+        probe.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        wait_balanced(pg_url, 2)
+        clients, cid = group_of_all(cluster1)
+        load = Load(clients, cid, 60).start()
+        time.sleep(1.0)
+        workers[0].signal(signal.SIGKILL)
+        load.join()
+        rows = wait_stored(pg_url, cid, len(USERS) * 60)
+        check(rows, USERS, 60)
+        wait_balanced(pg_url, 1)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_a_paused_worker_cannot_commit_after_its_partitions_were_taken_over(
+    cluster1: NatsCluster, pg_url: str
+) -> None:
+    probe = client(cluster1, "u0")
+    workers = [WorkerProc(cluster1, pg_url) for _ in range(2)]
+    try:
+        probe.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        wait_balanced(pg_url, 2)
+        clients, cid = group_of_all(cluster1)
+        load = Load(clients, cid, 60).start()
+        time.sleep(1.0)
+        workers[0].signal(signal.SIGSTOP)  # paused past its lease: the other takes its partitions
+        wait_balanced(pg_url, 1, timeout=30)
+        workers[0].signal(signal.SIGCONT)  # it wakes up with batches in hand
+        load.join()
+        rows = wait_stored(pg_url, cid, len(USERS) * 60)
+        check(rows, USERS, 60)
+        workers[0].wait_log("fenced", timeout=20)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_sigkill_a_nats_node_loses_nothing(cluster3: NatsCluster, pg_url: str) -> None:
+    probe = client(cluster3, "u0", 1)
+    workers = [WorkerProc(cluster3, pg_url, node=i, lease=5) for i in (1, 2)]
+    try:
+        probe.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 90)
+        wait_balanced(pg_url, 2, timeout=60)
+        clients = [client(cluster3, u, 1 + i % 2) for i, u in enumerate(USERS)]  # on the nodes that stay
+        for c in clients:
+            assert c.answer(c.send("connect", session_id=c.session_id), 60)["type"] == "connected"
+        created = clients[0].request("create-conversation", kind="group", participants=USERS[1:], timeout=60)
+        cid = created["data"]["conversation"]["conversation_id"]
+        load = Load(clients, cid, 40, pace=0.01).start()
+        time.sleep(1.0)
+        cluster3.nodes[0].kill()
+        load.join(180)
+        rows = wait_stored(pg_url, cid, len(USERS) * 40, timeout=120)
+        check(rows, USERS, 40)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_wills_are_applied_after_the_users_earlier_commands(cluster1: NatsCluster, pg_url: str) -> None:
+    watcher = client(cluster1, "u0")
+    workers = [WorkerProc(cluster1, pg_url) for _ in range(2)]
+    try:
+        watcher.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        wait_balanced(pg_url, 2)
+        watcher.connect_chat()
+        victim = client(cluster1, "u1", 3)
+        victim.connect_chat()
+        watcher.wait_retained("chat/v1/presence/u1", lambda v: v.get("status") == "online", 30)
+        # the connection dies right after a connect of a new session on it: the will must not
+        # overtake that connect (or u1 would stay online forever)
+        victim.send("connect", session_id=victim.session_id, display_name="again")
+        victim.client.socket().close()  # abrupt: NATS publishes the will
+        watcher.wait_retained("chat/v1/presence/u1", lambda v: v.get("status") == "offline", 30)
+        left = watcher.next_of("user-disconnected", 30)
+        assert left["data"]["user_id"] == "u1"
+    finally:
+        for w in workers:
+            w.stop()
