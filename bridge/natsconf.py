@@ -196,3 +196,42 @@ def node_conf(
         lines.append(f"cluster {{ name: {cluster_name}, listen: {cluster}, routes: [{route_list}] }}")
     lines += ['include "chat.conf"', ""]
     return "\n".join(lines)
+
+
+def shipped(directory: Path) -> dict[Path, str]:
+    """The files of the project's nats/ directory: the chat account, one node for trying it, and a
+    cluster of three nodes on one host (ports 4222-4224, MQTT 1883-1885, routes 6222-6224)."""
+    files = {
+        directory / "chat.conf": account_conf(),
+        directory / "single.conf": node_conf(
+            "chat-nats", client="127.0.0.1:4222", mqtt="127.0.0.1:1883", store_dir="data/single"
+        ),
+    }
+    routes = [f"nats-route://127.0.0.1:{6222 + i}" for i in range(3)]
+    for i in range(3):
+        files[directory / f"cluster-n{i + 1}.conf"] = node_conf(
+            f"chat-nats-{i + 1}",
+            client=f"127.0.0.1:{4222 + i}",
+            mqtt=f"127.0.0.1:{1883 + i}",
+            store_dir=f"data/n{i + 1}",
+            cluster=f"127.0.0.1:{6222 + i}",
+            routes=[r for j, r in enumerate(routes) if j != i],
+        )
+    return files
+
+
+def main() -> None:
+    """`python -m bridge.natsconf DIR`: writes the shipped configuration into DIR."""
+    import sys
+
+    directory = Path(sys.argv[1] if len(sys.argv) > 1 else "nats")
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, content in shipped(directory).items():
+        path.write_text(content)
+    users = directory / "users.conf"
+    if not users.exists():
+        users.write_text(users_conf({}))
+
+
+if __name__ == "__main__":
+    main()

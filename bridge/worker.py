@@ -35,6 +35,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -75,6 +76,11 @@ def share(partition_count: int, live: list[str], me: str) -> set[int]:
     return {q for q in range(partition_count) if q % n == i}
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class RetainedPublisher:
     """Retained events (presence, status) over an MQTT connection to the cluster's MQTT listener."""
 
@@ -100,7 +106,7 @@ class RetainedPublisher:
         with self._lock:
             future = self._futures.pop(mid, None)
         if future is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+            self._loop.call_soon_threadsafe(_resolve, future)
 
     def publish(self, topic: str, payload: bytes) -> asyncio.Future[None]:
         assert self._loop is not None
@@ -150,8 +156,8 @@ class Worker:
         self.tick = tick if tick is not None else min(1.0, settings.lease / 4)
         self.batch_max = batch_max
         dbapi = engine.dialect.loaded_dbapi
-        raw = (dbapi.OperationalError, dbapi.InterfaceError)  # the leases' own driver connections
-        self.is_transient = lambda exc: is_transient(exc) or isinstance(exc, raw)
+        self._raw_transient = (dbapi.OperationalError, dbapi.InterfaceError)  # the leases' own connections
+        self._transient = is_transient
         self.topics = Topics(settings.topic_prefix)
         self.subjects = Subjects.for_topic_prefix(settings.topic_prefix)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="worker-db")
@@ -171,6 +177,9 @@ class Worker:
         self._lost_leader = False
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return self._transient(exc) or isinstance(exc, self._raw_transient)
 
     async def _run_db(self, job: Callable[[], T], executor: Any = None) -> T:
         return await asyncio.get_running_loop().run_in_executor(executor or self._db, job)
@@ -294,7 +303,7 @@ class Worker:
 
     async def _add_consumer(self, partition: int, epoch: int, applied: int) -> str:
         name = consumer_name(partition, epoch)
-        start = {"deliver_policy": DeliverPolicy.ALL}
+        start: dict[str, Any] = {"deliver_policy": DeliverPolicy.ALL}
         if applied:
             start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": applied + 1}
         await self.js.add_consumer(
@@ -305,7 +314,7 @@ class Worker:
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=60,
                 max_ack_pending=20_000,
-                **start,  # type: ignore[arg-type]
+                **start,
             ),
         )
         return name
@@ -321,7 +330,7 @@ class Worker:
                 held = [part.lease for part in self._held.values()]
                 if self._leader is not None:
                     held.append(self._leader)
-                lost = await self._retrying(lambda: self.leases.renew(held), lease=True) if held else set()
+                lost = await self._retrying(partial(self.leases.renew, held), lease=True) if held else set()
                 for q in lost:
                     if q == LEADER:
                         log.warning("worker %s lost the housekeeping lease", self.worker_id)
@@ -420,12 +429,9 @@ class Worker:
             last = fresh[-1].metadata.sequence.stream
             published, part.acknowledged = part.acknowledged, []
             try:
+                fence = partial(self._fence, lease=lease, first=first, last=last)
                 batch = await self._retrying(
-                    lambda: part.service.handle_batch(
-                        items,
-                        published,
-                        within=lambda store: self.leases.record(store.cur, lease, first, last),
-                    )
+                    partial(part.service.handle_batch, items, published, within=fence)
                 )
             except Fenced:
                 owner, epoch, now_applied = await self._retrying(lambda: self.leases.applied(q), lease=True)
@@ -444,6 +450,9 @@ class Worker:
             for m in fresh:
                 await m.ack()
             self._publish(part, batch)
+
+    def _fence(self, store: Any, *, lease: Lease, first: int, last: int) -> None:
+        self.leases.record(store.cur, lease, first, last)  # the SQL store's cursor: same transaction
 
     def _parse(self, subject: str, partition: int) -> tuple[str, str] | None:
         # $MQTT.msgs.cmd.<P>.<user>.<command>
