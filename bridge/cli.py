@@ -12,7 +12,7 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("CHAT_BRIDGE_PASSWORD_FILE", DEFAULT_PASSWORD_FILE),
             help=f"[env CHAT_BRIDGE_PASSWORD_FILE; default {DEFAULT_PASSWORD_FILE}]",
         )
+        if action != "list":
+            cmd.add_argument(
+                "--nats-users",
+                default=os.environ.get("CHAT_BRIDGE_NATS_USERS"),
+                help="scale-out: also keep the account in this NATS users.conf, e.g. nats/users.conf "
+                "[env CHAT_BRIDGE_NATS_USERS]",
+            )
         if action == "add":
             cmd.add_argument(
                 "--password", help="the password (default: asked for, or read from standard input)"
@@ -277,6 +284,22 @@ def write_accounts(path: Path, entries: dict[str, str]) -> None:
         ) from None
 
 
+def update_nats_users(path: Path, user_id: str, password: str | None) -> None:
+    """The same account in the NATS cluster's users.conf (scale-out), bcrypt-hashed; None removes it.
+    NATS reads it again on `nats-server --signal reload`."""
+    from . import natsconf
+
+    accounts = natsconf.read_users(path)
+    if password is None:
+        accounts.pop(user_id, None)
+    else:
+        accounts[user_id] = natsconf.bcrypt_hash(password)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(natsconf.users_conf(accounts))
+    tmp.replace(path)
+    print(f"{user_id} {'saved in' if password is not None else 'removed from'} {path} (reload NATS)")
+
+
 def users_command(args: argparse.Namespace) -> int:
     path = Path(args.password_file)
     try:
@@ -293,14 +316,19 @@ def users_command(args: argparse.Namespace) -> int:
         if entries.pop(args.name, None) is None:
             raise ConfigError(f"no account {args.name!r} in {path}")
         write_accounts(path, entries)
+        if args.nats_users:
+            update_nats_users(Path(args.nats_users), args.name, None)
         print(f"removed {args.name} from {path}")
         return 0
     if args.name not in entries:
         clash = [name for name in entries if name.lower() == args.name.lower()]
         if clash:
             raise ConfigError(f"{args.name!r} differs from the account {clash[0]!r} only in case")
-    entries[args.name] = passwords.hash_password(read_password(args))
+    password = read_password(args)
+    entries[args.name] = passwords.hash_password(password)
     write_accounts(path, entries)
+    if args.nats_users:
+        update_nats_users(Path(args.nats_users), args.name, password)
     if args.name in SERVICE_ACCOUNTS:
         print(f"{args.name} saved in {path} (a service account: not registered as a chat user)")
         return 0
@@ -407,18 +435,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def build_bridge(
+def make_service(
     settings: Settings,
-    broker: BrokerAddress | None = None,
-    publisher: Publisher | None = None,
+    uow: SqlUnitOfWork,
     *,
+    epoch: str,
+    ids: Callable[[str], str] = new_id,
     metrics: Metrics | None = None,
-    health: Health | None = None,
-) -> MqttBridge:
-    engine = open_database(settings.database_url, background_checkpoints=True)
-    service = Service(
-        SqlUnitOfWork(engine),
-        epoch=new_id("e"),
+) -> Service:
+    """The service as the settings configure it (one per bridge, or per partition of a worker)."""
+    return Service(
+        uow,
+        epoch=epoch,
+        ids=ids,
         max_payload=settings.max_payload,
         transient=TRANSIENT_ERRORS,
         limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None,
@@ -429,6 +458,18 @@ def build_bridge(
         max_event=settings.max_event,
         metrics=metrics,
     )
+
+
+def build_bridge(
+    settings: Settings,
+    broker: BrokerAddress | None = None,
+    publisher: Publisher | None = None,
+    *,
+    metrics: Metrics | None = None,
+    health: Health | None = None,
+) -> MqttBridge:
+    engine = open_database(settings.database_url, background_checkpoints=True)
+    service = make_service(settings, SqlUnitOfWork(engine), epoch=new_id("e"), metrics=metrics)
     if health is not None:
         health.epoch = service.epoch
     return MqttBridge(

@@ -153,10 +153,12 @@ def users_conf(accounts: Mapping[str, str], topic_prefix: str = "chat/v1") -> st
 
 def read_users(path: Path) -> dict[str, str]:
     """The accounts of a users.conf written by `users_conf` (user id -> password hash)."""
+    return read_users_text(path.read_text()) if path.exists() else {}
+
+
+def read_users_text(text: str) -> dict[str, str]:
     accounts: dict[str, str] = {}
-    if not path.exists():
-        return accounts
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line.startswith("{user: "):
             continue

@@ -39,28 +39,30 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import nats
 import orjson
 import paho.mqtt.client as paho
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from paho.mqtt.enums import CallbackAPIVersion
 
-import nats
-
 from . import protocol as p
 from .config import BrokerAddress, Settings
 from .leases import LEADER, Fenced, Lease, Leases, new_worker_id
 from .model import OutboxEntry
-from .mqtt import Topics
 from .natsconf import BRIDGE_ACCOUNT, Subjects, partition_of
 from .protocol import ID_PATTERN
 from .service import Batch, Inbound, Service, new_id
+from .topics import Topics
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _USER_ID = re.compile(ID_PATTERN)
 STREAM = "$MQTT_msgs"
+# What NATS's MQTT layer marks a QoS 1 publish with; without it, a message stored from outside MQTT
+# reached QoS 1 subscribers on one node, but not those of a cluster's other nodes.
+MQTT_QOS1 = {"Nmqtt-Pub": "1"}
 WILLS = "chat-wills"
 
 
@@ -495,7 +497,9 @@ class Worker:
         topic = self.topics.of(entry.kind, entry.key)
         if entry.retain:
             return self._retained.publish(topic, entry.payload)
-        return asyncio.ensure_future(self.js.publish(self.subjects.qos1(topic), entry.payload))
+        return asyncio.ensure_future(
+            self.js.publish(self.subjects.qos1(topic), entry.payload, headers=MQTT_QOS1)
+        )
 
     async def _republish(self, part: _Partition, mine: Callable[[str], bool]) -> None:
         pending = await self._retrying(part.service.pending)
@@ -559,7 +563,7 @@ class Worker:
             for m in msgs:
                 user = m.subject.split(".")[-3]
                 q = partition_of(user, self.partition_count)
-                await self.js.publish(self.subjects.routed(q, user, "disconnect"), m.data)
+                await self.js.publish(self.subjects.routed(q, user, "disconnect"), m.data, headers=MQTT_QOS1)
                 await m.ack()
 
     async def _expire_later(self, housekeeping: _Partition) -> None:
@@ -604,9 +608,9 @@ def _one_at_a_time(engine: Any) -> Any:
 
 def build(settings: Settings) -> tuple[Callable[[], Any], Any, Callable[..., Service]]:
     """The storage and the service factory of a worker (PostgreSQL in production)."""
-    from .limits import RateLimiter
+    from .cli import make_service
     from .service import wall_clock_ms
-    from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, make_engine
+    from .sql import SqlUnitOfWork, init_db, make_engine
 
     engine = make_engine(settings.database_url)
     if engine.dialect.name == "postgresql":
@@ -616,18 +620,7 @@ def build(settings: Settings) -> tuple[Callable[[], Any], Any, Callable[..., Ser
         Leases(engine, "").ensure(settings.partitions)
 
     def service(uow: Any, *, epoch: str, ids: Callable[[str], str]) -> Service:
-        return Service(
-            uow,
-            epoch=epoch,
-            ids=ids,
-            max_payload=settings.max_payload,
-            transient=TRANSIENT_ERRORS,
-            limiter=RateLimiter(settings.rate_limit, settings.rate_burst)
-            if settings.rate_limit > 0
-            else None,
-            broadcast_presence=settings.presence == "broadcast",
-            max_event=settings.max_event,
-        )
+        return make_service(settings, uow, epoch=epoch, ids=ids)
 
     return (lambda: SqlUnitOfWork(engine)), engine, service
 
