@@ -257,7 +257,8 @@ class Leases:
             return owner, int(epoch), int(applied)
 
     def record(self, cursor: Any, lease: Lease, first_seq: int, last_seq: int) -> None:
-        """Inside a batch's transaction, on its connection: fences the batch and records it applied.
+        """Inside a batch's transaction, on its connection, after its commands: fences the batch and
+        records it applied.
 
         Raises `Fenced` unless this worker still holds the partition at this epoch and no batch
         overlapping [first_seq, last_seq] was applied already. The row stays locked until the

@@ -222,8 +222,8 @@ class Service:
 
         Commands over their sender's rate limit are refused before any parsing or storage work,
         unless the caller did that already (`admitted`: the MQTT adapter refuses without storage).
-        `within` runs first inside the transaction: a scale-out worker fences the batch there
-        (raising aborts the whole transaction).
+        `within` runs inside the transaction after the commands: a scale-out worker fences the batch
+        there (raising aborts the whole transaction).
         """
         out: list[core.Delivery] = []
         self._registered = set()
@@ -233,8 +233,6 @@ class Service:
         charged: list[tuple[str, int]] = []
         try:
             with self.uow.transaction() as store:
-                if within is not None:
-                    within(store)
                 store.forget_outbox(published)
                 for item in items:
                     refused = None if admitted else self.refusal(item)
@@ -247,6 +245,8 @@ class Service:
                             charged.append((item.user_id, len(delivered)))
                         refused = delivered
                     out.extend(refused)
+                if within is not None:
+                    within(store)
                 batch = self._outbox(store, out)
         except BaseException:
             if self.cost is not None:  # not committed: the batch will be retried, so nothing was spent

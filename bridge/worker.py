@@ -132,6 +132,7 @@ class _Partition:
     task: asyncio.Task[None] | None = None
     stopping: bool = False
     acknowledged: list[str] = field(default_factory=list)  # batches NATS stored, to forget
+    in_flight: set[asyncio.Future[list[Any]]] = field(default_factory=set)  # batches being published
 
 
 class Worker:
@@ -354,8 +355,8 @@ class Worker:
             self._lost.discard(q)
             await self._drop(q, release=False)
         mine = share(self.partition_count, live, self.worker_id)
-        for q in [q for q in self._held if q not in mine]:
-            await self._drop(q, release=True)  # another live worker's share now
+        # partitions that are another live worker's share now, handed over together
+        await asyncio.gather(*(self._drop(q, release=True) for q in [q for q in self._held if q not in mine]))
         for q in sorted(mine - set(self._held)):
             lease = await self._retrying(lambda q=q: self.leases.acquire(q), lease=True)  # type: ignore[misc]
             if lease is not None:
@@ -394,6 +395,12 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(part.task, 10)
         if release:
+            # hand over a clean outbox: what is in flight reaches NATS and is forgotten first, so
+            # that the next owner has nothing to publish again
+            if part.in_flight:
+                await asyncio.wait(list(part.in_flight), timeout=10)
+            with contextlib.suppress(Exception):
+                await self._forget(part)
             await self._retrying(lambda: self.leases.release(part.lease), lease=True)
             log.info("worker %s handed partition %d over", self.worker_id, q)
 
@@ -478,8 +485,10 @@ class Worker:
             return
         futures = [self._send(entry) for entry in batch.entries]
         done = asyncio.gather(*futures, return_exceptions=True)
+        part.in_flight.add(done)
 
         def finished(f: asyncio.Future[list[Any]]) -> None:
+            part.in_flight.discard(f)
             errors = [r for r in f.result() if isinstance(r, BaseException)]
             if errors:
                 log.warning(
@@ -578,17 +587,17 @@ class Worker:
             await self._forget(housekeeping)
 
 
-def _bound_waits(engine: Any, ms: int) -> None:
+def _bound_waits(engine: Any, *, idle_ms: int, lock_ms: int) -> None:
     """A worker paused inside a transaction (SIGSTOP, a long GC, a VM migration) would keep its row
     locks, and so stop every worker that writes the same conversation: PostgreSQL ends such a
-    session after a third of the lease, and no statement waits longer than that for a lock."""
+    session after a third of the lease, and no statement waits more than half a lease for a lock."""
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
     def _set(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
-        cur.execute(f"SET idle_in_transaction_session_timeout = {ms}")
-        cur.execute(f"SET lock_timeout = {ms}")
+        cur.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
+        cur.execute(f"SET lock_timeout = {lock_ms}")
         dbapi_conn.commit()
 
 
@@ -614,7 +623,7 @@ def build(settings: Settings) -> tuple[Callable[[], Any], Any, Callable[..., Ser
 
     engine = make_engine(settings.database_url)
     if engine.dialect.name == "postgresql":
-        _bound_waits(engine, int(settings.lease * 1000 / 3))
+        _bound_waits(engine, idle_ms=int(settings.lease * 1000 / 3), lock_ms=int(settings.lease * 1000 / 2))
     with _one_at_a_time(engine):  # workers starting together must not migrate at once
         init_db(engine, wall_clock_ms())
         Leases(engine, "").ensure(settings.partitions)

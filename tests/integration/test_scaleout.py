@@ -38,7 +38,7 @@ ACCOUNTS = {"chat-bridge": "bridge-pw", **{u: f"{u}-pw" for u in USERS}}
 class WorkerProc:
     """`chat-bridge serve --nats-url ...` in a process of its own, its log kept."""
 
-    def __init__(self, cluster: NatsCluster, database_url: str, node: int = 0, lease: float = 3) -> None:
+    def __init__(self, cluster: NatsCluster, database_url: str, node: int = 0, lease: float = 6) -> None:
         n = cluster.nodes[node]
         urls = ",".join(f"nats://chat-bridge:bridge-pw@127.0.0.1:{x.client_port}" for x in cluster.nodes)
         self.log: list[str] = []
@@ -141,10 +141,13 @@ class Load:
     def __init__(self, clients: list[ChatClient], conversation: str, count: int, pace: float = 0.005) -> None:
         self.clients, self.conversation, self.count, self.pace = clients, conversation, count, pace
         self.acked = {c.user: 0 for c in clients}
+        self.halt = threading.Event()  # ends the load early: each user stops after its current message
         self.threads = [threading.Thread(target=self._send, args=(c,), daemon=True) for c in clients]
 
     def _send(self, c: ChatClient) -> None:
         for i in range(self.count):
+            if self.halt.is_set():
+                return
             body = f"{c.user}-{i}".encode()
             payload = b'{"conversation_id":"%s","body":"%s"}' % (self.conversation.encode(), body)
             while True:
@@ -167,7 +170,8 @@ class Load:
     def join(self, timeout: float = 120) -> None:
         for t in self.threads:
             t.join(timeout)
-        assert all(n == self.count for n in self.acked.values()), self.acked
+        if not self.halt.is_set():
+            assert all(n == self.count for n in self.acked.values()), self.acked
 
 
 def stored(database_url: str, conversation: str) -> list[tuple[int, str, str]]:
@@ -192,14 +196,15 @@ def wait_stored(
         time.sleep(0.2)
 
 
-def check(rows: list[tuple[int, str, str]], users: list[str], count: int) -> None:
-    """Exactly once, gapless, in each sender's order."""
+def check(rows: list[tuple[int, str, str]], users: list[str], count: int | dict[str, int]) -> None:
+    """Exactly once, gapless, in each sender's order: `count` acknowledged messages per user."""
     bodies = [b for _, _, b in rows]
     assert len(bodies) == len(set(bodies)), "a command was applied twice"
     assert [s for s, _, _ in rows] == list(range(1, len(rows) + 1)), "seq has gaps"
     for u in users:
         mine = [int(b.split("-")[1]) for _, s, b in rows if s == u]
-        assert mine == list(range(count)), f"{u}: {mine[:10]}… not every acknowledged message, in order"
+        sent = count if isinstance(count, int) else count[u]
+        assert mine == list(range(sent)), f"{u}: {mine[:10]}… not every acknowledged message, in order"
 
 
 def group_of_all(cluster: NatsCluster) -> tuple[list[ChatClient], str]:
@@ -295,7 +300,7 @@ def test_a_paused_worker_cannot_commit_after_its_partitions_were_taken_over(
         load = Load(clients, cid, 60).start()
         time.sleep(1.0)
         workers[0].signal(signal.SIGSTOP)  # paused past its lease: the other takes its partitions
-        wait_balanced(pg_url, 1, timeout=30)
+        wait_balanced(pg_url, 1, timeout=60)
         workers[0].signal(signal.SIGCONT)  # it wakes up with batches in hand
         load.join()
         rows = wait_stored(pg_url, cid, len(USERS) * 60)
@@ -308,7 +313,7 @@ def test_a_paused_worker_cannot_commit_after_its_partitions_were_taken_over(
 
 def test_sigkill_a_nats_node_loses_nothing(cluster3: NatsCluster, pg_url: str) -> None:
     probe = client(cluster3, "u0", 1)
-    workers = [WorkerProc(cluster3, pg_url, node=i, lease=5) for i in (1, 2)]
+    workers = [WorkerProc(cluster3, pg_url, node=i) for i in (1, 2)]
     try:
         probe.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 90)
         wait_balanced(pg_url, 2, timeout=60)
@@ -345,6 +350,31 @@ def test_wills_are_applied_after_the_users_earlier_commands(cluster1: NatsCluste
         watcher.wait_retained("chat/v1/presence/u1", lambda v: v.get("status") == "offline", 30)
         left = watcher.next_of("user-disconnected", 30)
         assert left["data"]["user_id"] == "u1"
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_workers_join_and_leave_under_load(cluster1: NatsCluster, pg_url: str) -> None:
+    probe = client(cluster1, "u0")
+    workers = [WorkerProc(cluster1, pg_url)]
+    try:
+        probe.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        wait_balanced(pg_url, 1)
+        clients, cid = group_of_all(cluster1)
+        load = Load(clients, cid, 100_000, pace=0.02).start()
+        time.sleep(0.5)
+        workers.append(WorkerProc(cluster1, pg_url))  # joins: takes half the partitions over
+        wait_balanced(pg_url, 2, timeout=60)
+        workers.append(WorkerProc(cluster1, pg_url))
+        wait_balanced(pg_url, 3, timeout=60)
+        workers[0].stop()  # a clean stop hands its partitions over at once
+        wait_balanced(pg_url, 2, timeout=60)
+        load.halt.set()
+        load.join()
+        rows = wait_stored(pg_url, cid, sum(load.acked.values()))
+        assert sum(load.acked.values()) > 100, load.acked
+        check(rows, USERS, load.acked)
     finally:
         for w in workers:
             w.stop()
