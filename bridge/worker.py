@@ -33,6 +33,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _USER_ID = re.compile(ID_PATTERN)
 STREAM = "$MQTT_msgs"
+BACKLOG = 2.0  # seconds
 # What NATS's MQTT layer marks a QoS 1 publish with; without it, a message stored from outside MQTT
 # reached QoS 1 subscribers on one node, but not those of a cluster's other nodes.
 MQTT_QOS1 = {"Nmqtt-Pub": "1"}
@@ -423,6 +425,7 @@ class Worker:
                 continue
             items: list[Inbound] = []
             fresh = []
+            now = time.time()
             for m in msgs:
                 seq = m.metadata.sequence.stream
                 if seq <= applied:  # applied before a crash, acknowledgement lost
@@ -431,7 +434,10 @@ class Worker:
                 parsed = self._parse(m.subject, q)
                 fresh.append(m)
                 if parsed is not None:
-                    items.append(Inbound(parsed[0], parsed[1], m.data))
+                    # published more than BACKLOG seconds ago: the log held it while the workers were
+                    # away or behind, and applying the backlog is no flood (never rate-limited)
+                    age = now - m.metadata.timestamp.timestamp() if m.metadata.timestamp else 0.0
+                    items.append(Inbound(parsed[0], parsed[1], m.data, queued=age > BACKLOG))
             if not fresh:
                 continue
             first = fresh[0].metadata.sequence.stream

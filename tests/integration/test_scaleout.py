@@ -362,7 +362,7 @@ def test_workers_join_and_leave_under_load(cluster1: NatsCluster, pg_url: str) -
         probe.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
         wait_balanced(pg_url, 1)
         clients, cid = group_of_all(cluster1)
-        load = Load(clients, cid, 100_000, pace=0.02).start()
+        load = Load(clients, cid, 100_000, pace=0.1).start()
         time.sleep(0.5)
         workers.append(WorkerProc(cluster1, pg_url))  # joins: takes half the partitions over
         wait_balanced(pg_url, 2, timeout=60)
