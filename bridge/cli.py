@@ -11,10 +11,10 @@ import os
 import secrets
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import orjson
 from sqlalchemy.engine import Engine
 
 from chat_bridge.chat import add_chat_command
@@ -43,11 +43,14 @@ from .http import HttpServer, HttpServerError
 from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, CostBudget, RateLimiter
 from .metrics import Health, Metrics, Summary, database_probe
 from .model import User
-from .mqtt import MqttBridge, Publisher
+from .paho_transport import PahoTransport
+from .pipeline import Pipeline
 from .protocol import iso_ms
+from .runtime import Bridge, InProcessEvents, Publisher
 from .service import Service, new_id, wall_clock_ms
 from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
 from .topics import BRIDGE_ACCOUNT, SERVICE_ACCOUNTS, Topics, is_user_id
+from .transport import Event
 
 log = logging.getLogger("chat-bridge")
 
@@ -467,23 +470,49 @@ def build_bridge(
     *,
     metrics: Metrics | None = None,
     health: Health | None = None,
-) -> MqttBridge:
+) -> Bridge:
     engine = open_database(settings.database_url, background_checkpoints=True)
     service = make_service(settings, SqlUnitOfWork(engine), epoch=new_id("e"), metrics=metrics)
     if health is not None:
         health.epoch = service.epoch
-    return MqttBridge(
+    topics = Topics(settings.topic_prefix)
+    will = Event(topics.status, orjson.dumps({"status": "offline", "epoch": service.epoch}), retain=True)
+    address = broker or settings.broker()
+    options = {"client_id": settings.client_id, "keepalive": settings.keepalive, "will": will}
+    transport = (
+        PahoTransport(address, topics.commands, **options)  # type: ignore[arg-type]
+        if publisher is None
+        else InProcessEvents(address, topics.commands, publisher=publisher, **options)
+    )
+    pipeline = Pipeline(
         service,
-        broker or settings.broker(),
-        Topics(settings.topic_prefix),
-        client_id=settings.client_id,
-        keepalive=settings.keepalive,
+        transport,
+        topics,
         session_grace=settings.session_grace,
         publish_window=settings.publish_window,
-        publisher=publisher,
         is_transient=is_transient,
+        probe_interval=settings.probe_interval,
+        probe_timeout=settings.probe_timeout,
         health=health,
     )
+    return Bridge(pipeline)
+
+
+async def run_until_signalled(bridge: Bridge) -> None:
+    """Runs the bridge until SIGTERM or SIGINT, then stops it gracefully."""
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        log.info("shutting down")
+        bridge.pipeline.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await bridge.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def redacted(url: str) -> str:
@@ -546,18 +575,12 @@ def serve(settings: Settings) -> int:
             return asyncio.run(serve_worker(settings, is_transient))
         if settings.broker_url:
             bridge = build_bridge(settings, metrics=monitoring.metrics, health=monitoring.health)
-            stop = threading.Event()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
             settle_memory()
             monitoring.start()
-            bridge.start()
             log.info(
                 "using the broker at %s; database %s", settings.broker(), redacted(settings.database_url)
             )
-            stop.wait()
-            log.info("shutting down")
-            bridge.stop()
+            asyncio.run(run_until_signalled(bridge))
             return 0
         return asyncio.run(serve_embedded(settings, monitoring))
     finally:
@@ -594,13 +617,8 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
     except BaseException:
         await broker.shutdown()
         raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     settle_memory()
     monitoring.start()
-    bridge.start()
     log.info(
         "embedded broker on %s:%d (%s); database %s",
         host,
@@ -610,9 +628,7 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         else "no accounts: anybody may send commands, only the bridge publishes events",
         redacted(settings.database_url),
     )
-    await stop.wait()
-    log.info("shutting down")
-    await loop.run_in_executor(None, bridge.stop)
+    await run_until_signalled(bridge)  # on the broker's event loop
     await broker.announce_offline(
         Topics(settings.topic_prefix).status, bridge.service.epoch, iso_ms(bridge.service.clock())
     )

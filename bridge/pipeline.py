@@ -48,6 +48,7 @@ import orjson
 from . import core
 from . import protocol as p
 from .limits import OncePer
+from .metrics import Health
 from .model import OutboxEntry, StorageUnavailable
 from .service import Batch, Inbound, Service, encode
 from .transport import Command, Disconnected, Event, EventRefused, Transport
@@ -115,6 +116,11 @@ class _Item:
     sent_at: float = 0.0
 
 
+def _size(event: Event) -> int:
+    """About the size of the event's PUBLISH packet (what a broker's max_packet_size limits)."""
+    return len(event.payload) + len(event.topic) + 8
+
+
 def _event_id(payload: bytes) -> str:
     try:
         obj = orjson.loads(payload)
@@ -139,10 +145,11 @@ class Pipeline:
         probe_interval: float = 15.0,
         probe_timeout: float = 5.0,
         poison_after: int = 3,
-        strike_window: float = 2.0,
+        strike_window: float = 0.5,
         stop_timeout: float = 5.0,
         retry_delays: tuple[float, float] = (0.5, 5.0),
         status: RuntimeStatus | None = None,
+        health: Health | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if publish_window < 1:
@@ -161,6 +168,8 @@ class Pipeline:
         self.stop_timeout = stop_timeout
         self.retry_delays = retry_delays
         self.status = status or RuntimeStatus()
+        self.metrics = service.metrics
+        self.health = health
         self.clock = clock
         self.probe_topic = topics.command(BRIDGE_USER, PROBE)
         self._since = p.iso_ms(service.clock())
@@ -186,6 +195,7 @@ class Pipeline:
         self._probe_failures = 0
         self._grace: asyncio.TimerHandle | None = None
         self._announced = 0  # the connection (by count) announced last
+        self._too_large: int | None = None  # the smallest event the broker kept disconnecting on
         self._ignored_warning = OncePer(60_000)
         self.ready = asyncio.Event()  # online: connected, subscribed, announced
 
@@ -241,6 +251,8 @@ class Pipeline:
         self._connected = True
         self.status.connected, self.status.broker_error = True, None
         self.status.connects += 1
+        if self.health is not None:
+            self.health.broker_up()
         log.info("connected to the broker")
         # after the failures of the lost connection, which are already scheduled
         asyncio.get_running_loop().call_soon(self._resume)
@@ -249,6 +261,8 @@ class Pipeline:
         was = self._connected
         self._connected = False
         self.status.connected, self.status.broker_error = False, error
+        if self.health is not None:
+            self.health.broker_down(error)
         if was:
             self._dropped_at = self.clock()
             self._strike_due = True
@@ -262,10 +276,10 @@ class Pipeline:
             parsed = self.topics.parse_command(cmd.topic)
             if cmd.retain:
                 # A retained command would be replayed at every subscription: never apply one.
-                self._ignore(cmd, "retained", "commands must not be retained")
+                self._ignore(cmd, "retained-command", "commands must not be retained")
                 continue
             if parsed is None:
-                self._ignore(cmd, "topic", "not a command topic with a valid user id")
+                self._ignore(cmd, "bad-topic", "not a command topic with a valid user id")
                 continue
             user, name = parsed
             if user == BRIDGE_USER:
@@ -273,7 +287,7 @@ class Pipeline:
                     self._probe_returned(cmd.payload)
                     cmd.ack()
                 else:
-                    self._ignore(cmd, "bridge", f"{BRIDGE_USER} is the bridge's own account")
+                    self._ignore(cmd, "bridge-topic", f"{BRIDGE_USER} is the bridge's own account")
                 continue
             self._in_hand += 1
             self._inbox.append((cmd, Inbound(user, name, cmd.payload, queued=self._backlog_open)))
@@ -282,6 +296,7 @@ class Pipeline:
 
     def _ignore(self, cmd: Command, kind: str, why: str) -> None:
         self.status.ignored_messages += 1
+        self.metrics.dropped.labels(kind).inc()
         if self._ignored_warning.due(kind, int(self.clock() * 1000)):
             log.warning(
                 "ignored a message on %r: %s (%d ignored so far; at most one such warning a minute)",
@@ -384,14 +399,16 @@ class Pipeline:
             except _Abandoned:
                 self._acknowledged.extend(published)
                 raise
-            self._send(batch)
+            # acknowledged first: the events are in the outbox already, and a broker that closes the
+            # connection on one of them must not also lose the acknowledgement (and apply it again)
             self._ack([cmd for cmd, _ in admitted], items)
+            self._send(batch)
         if refused:
             # after the admitted commands: a flooder's refusals never delay the others' answers
             answers = [answer for _, some in refused for answer in some]
+            self._ack([cmd for cmd, _ in refused], [])
             if answers:
                 self._send(Batch("", answers, encode(answers, "")))
-            self._ack([cmd for cmd, _ in refused], [])
 
     def _ack(self, commands: list[Command], inbound: list[Inbound]) -> None:
         for cmd in commands:
@@ -437,6 +454,7 @@ class Pipeline:
                 return result
             except Exception as exc:
                 self.status.storage_retries += 1
+                self.metrics.database_retries.inc()
                 if isinstance(exc, StorageUnavailable) and exc.connection_lost and not reconnected:
                     # A pooled connection the server had closed (a restart, an idle timeout): connections
                     # are not pinged before use, so try a fresh one at once before calling it an outage.
@@ -477,6 +495,11 @@ class Pipeline:
                 _Item(self._seq, Event(self.topics.of(e.kind, e.key), e.payload, e.retain), flight)
             )
         self._backlog += len(batch.entries)
+        counts: dict[str, int] = {}
+        for e in batch.entries:
+            counts[e.kind] = counts.get(e.kind, 0) + 1
+        for kind, n in counts.items():
+            self.metrics.events_published.labels(kind).inc(n)
         self.status.backlog = self._backlog
         if self._connected:
             self._flush()
@@ -486,6 +509,11 @@ class Pipeline:
         publish, done, now = self.transport.publish, self._done, self.clock()
         while self._unsent and self._connected:
             item = self._unsent.popleft()
+            if self._too_large is not None and _size(item.event) >= self._too_large:
+                self._set_aside(
+                    item, f"at least as large as one the broker would not take ({self._too_large} bytes)"
+                )
+                continue
             item.sent_at = now
             publish(item.event).add_done_callback(partial(done, item))
 
@@ -517,6 +545,7 @@ class Pipeline:
     def _set_aside(self, item: _Item, why: str) -> None:
         event_id = _event_id(item.event.payload)
         self.status.events_set_aside += 1
+        self.metrics.dropped.labels("poison-event").inc()
         self.status.set_aside = [*self.status.set_aside[-99:], event_id]
         log.error(
             "set aside event %s (%d bytes on %s): %s; it stays stored, the rest flows",
@@ -541,6 +570,8 @@ class Pipeline:
                     oldest.strikes += 1
                 if oldest.strikes >= self.poison_after:
                     failed.pop(0)
+                    size = _size(oldest.event)
+                    self._too_large = size if self._too_large is None else min(self._too_large, size)
                     self._set_aside(
                         oldest,
                         f"the broker closed the connection {oldest.strikes} times while it was the oldest "

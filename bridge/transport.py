@@ -62,7 +62,7 @@ class Command:
     topic: str
     payload: bytes
     retain: bool = False
-    ack: Callable[[], None] = field(default=lambda: None, repr=False)
+    ack: Callable[[], object] = field(default=lambda: None, repr=False)
 
 
 class Listener(Protocol):

@@ -47,6 +47,6 @@ def test_a_storm_bigger_than_the_publish_window_loses_no_event(
         assert sum(e["type"] == "connected" for e in seen) == users
         assert sum(e["type"] == "user-connected" for e in seen) == expected - users
         assert len({e["event_id"] for e in seen if e["type"] == "connected"}) == users
-        assert bridge.publish_window == 4  # type: ignore[attr-defined]
+        assert bridge.pipeline.publish_window == 4  # type: ignore[attr-defined]
     watcher.disconnect()
     watcher.loop_stop()

@@ -188,19 +188,25 @@ def test_commands_are_acknowledged_only_after_commit(mosquitto: Mosquitto, tmp_p
     (A client's own PUBACK comes from the broker; the bridge's manual ack is what decides redelivery.)
     """
     from bridge.config import BrokerAddress
-    from bridge.mqtt import MqttBridge, Topics
+    from bridge.paho_transport import PahoTransport
+    from bridge.pipeline import Pipeline
+    from bridge.runtime import Bridge
     from bridge.service import Service
     from bridge.sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
+    from bridge.topics import Topics
 
     db = f"sqlite:///{tmp_path / 'c.sqlite3'}"
     engine = make_engine(db)
     init_db(engine, 0)
     uow = FlakyUnitOfWork(SqlUnitOfWork(engine))
-    first = MqttBridge(
-        Service(uow, epoch="e1", transient=TRANSIENT_ERRORS),  # type: ignore[arg-type]
-        BrokerAddress("127.0.0.1", mosquitto.port),
-        Topics("chat/v1"),
-        is_transient=is_transient,
+    topics = Topics("chat/v1")
+    first = Bridge(
+        Pipeline(
+            Service(uow, epoch="e1", transient=TRANSIENT_ERRORS),  # type: ignore[arg-type]
+            PahoTransport(BrokerAddress("127.0.0.1", mosquitto.port), topics.commands),
+            topics,
+            is_transient=is_transient,
+        )
     )
     first.start()
     assert first.ready.wait(15)
@@ -251,7 +257,7 @@ def test_events_committed_but_never_published_are_published_by_the_next_bridge(
             "conversation"
         ]["conversation_id"]
         bob.next_of("conversation-created")
-        bridge._send = lambda batch: None  # type: ignore[attr-defined]  # dies before publishing, after commit
+        bridge.pipeline._send = lambda batch: None  # type: ignore[attr-defined]  # dies before publishing, after commit
         alice.send(
             "send-message", conversation_id=cid, body="committed, not yet published", request_id="lost?"
         )

@@ -13,9 +13,9 @@ import orjson
 
 from bridge.limits import RateLimiter
 from bridge.memory import MemoryUnitOfWork
-from bridge.mqtt import Topics
 from bridge.pipeline import Pipeline
 from bridge.service import Service
+from bridge.topics import Topics
 from bridge.transport import Command, Event, FakeTransport
 
 TOPICS = Topics("chat/v1")
