@@ -87,6 +87,7 @@ class RuntimeStatus:
     events_published: int = 0
     events_set_aside: int = 0
     ignored_messages: int = 0  # retained commands, bad topics
+    probes_returned: int = 0
     probes_lost: int = 0
     resubscribes: int = 0
     forced_reconnects: int = 0
@@ -318,6 +319,7 @@ class Pipeline:
             return  # an earlier probe, or not ours
         self._probe = None
         self._probe_failures = 0
+        self.status.probes_returned += 1
         if self._backlog_open:
             self._backlog_open = False
             log.debug("the broker's queued backlog is delivered")

@@ -77,6 +77,24 @@ def test_a_subscription_the_broker_dropped_is_noticed_and_renewed(tmp_path: Path
         broker.stop()
 
 
+def test_the_shipped_acl_lets_the_probe_through(
+    secure_mosquitto: tuple[Mosquitto, Path], tmp_path: Path
+) -> None:
+    broker, _ = secure_mosquitto
+    with running_bridge(
+        broker.port,
+        f"sqlite:///{tmp_path / 'c.sqlite3'}",
+        credentials="chat-bridge:bridge-pw",
+        probe_interval=0.2,
+        probe_timeout=1.0,
+    ) as bridge:
+        deadline = time.monotonic() + 10
+        while bridge.status.probes_returned < 3 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        assert bridge.status.probes_returned >= 3  # type: ignore[attr-defined]
+        assert bridge.status.probes_lost == 0  # type: ignore[attr-defined]
+
+
 def test_the_queued_backlog_is_applied_not_rate_limited(mosquitto: Mosquitto, tmp_path: Path) -> None:
     """Commands published while the bridge was away, under the limit when sent, arrive all at once."""
     db = f"sqlite:///{tmp_path / 'c.sqlite3'}"
