@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 BRIDGE_USER = "chat-bridge"  # the reserved user id whose command topic carries the probes
 PROBE = "probe"
+MIN_PACKET_LIMIT = 1024  # no broker is configured to take less; a smaller poison was not about size
 
 
 class Topics(Protocol):
@@ -573,7 +574,8 @@ class Pipeline:
                 if oldest.strikes >= self.poison_after:
                     failed.pop(0)
                     size = _size(oldest.event)
-                    self._too_large = size if self._too_large is None else min(self._too_large, size)
+                    if size >= MIN_PACKET_LIMIT:  # small ones were not refused for their size
+                        self._too_large = size if self._too_large is None else min(self._too_large, size)
                     self._set_aside(
                         oldest,
                         f"the broker closed the connection {oldest.strikes} times while it was the oldest "
