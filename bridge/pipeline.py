@@ -51,14 +51,15 @@ from .limits import OncePer
 from .metrics import Health
 from .model import OutboxEntry, StorageUnavailable
 from .service import Batch, Inbound, Service, encode
+from .topics import BRIDGE_ACCOUNT, PROBE_COMMAND
 from .transport import Command, Disconnected, Event, EventRefused, Transport
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-BRIDGE_USER = "chat-bridge"  # the reserved user id whose command topic carries the probes
-PROBE = "probe"
+BRIDGE_USER = BRIDGE_ACCOUNT  # the reserved user id whose command topic carries the probes
+PROBE = PROBE_COMMAND
 MIN_PACKET_LIMIT = 1024  # no broker is configured to take less; a smaller poison was not about size
 
 
