@@ -122,14 +122,17 @@ class PahoTransport:
         if not self._up:
             future.set_exception(Disconnected("not connected"))
             return future
-        info = self.client.publish(event.topic, event.payload, qos=1, retain=event.retain)
+        info = self.client.publish(event.topic, event.payload, qos=event.qos, retain=event.retain)
         if info.rc in (paho.MQTT_ERR_CONN_LOST, paho.MQTT_ERR_NO_CONN):
             future.set_exception(Disconnected(paho.error_string(info.rc)))
             return future  # dropped from paho's queue before the reconnect
         if info.rc != paho.MQTT_ERR_SUCCESS:
             future.set_exception(TransportError(paho.error_string(info.rc)))
             return future
-        self._pending[info.mid] = future
+        if event.qos:
+            self._pending[info.mid] = future
+        else:
+            future.set_result(None)  # QoS 0: nothing to wait for
         return future
 
     def resubscribe(self) -> None:

@@ -40,6 +40,16 @@ class InProcessEvents(PahoTransport):
 
     def _hand_batch(self) -> None:
         batch, self._batch = self._batch, []
+        ephemeral = getattr(self.publisher, "ephemeral", None)
+        if ephemeral is not None and any(not e.qos for e, _ in batch):
+            # QoS 0 (typing), forced so by the broker's own call; nothing waits for them
+            ephemeral([(e.topic, e.payload) for e, _ in batch if not e.qos])
+            for e, future in batch:
+                if not e.qos:
+                    future.set_result(None)
+            batch = [(e, f) for e, f in batch if e.qos]
+            if not batch:
+                return
         taken = asyncio.wrap_future(self.publisher([(e.topic, e.payload, e.retain) for e, _ in batch]))
 
         def settle(done: asyncio.Future[None]) -> None:
