@@ -148,7 +148,7 @@ class Pipeline:
         probe_interval: float = 15.0,
         probe_timeout: float = 5.0,
         poison_after: int = 3,
-        strike_window: float = 0.5,
+        strike_window: float = 2.0,
         stop_timeout: float = 5.0,
         retry_delays: tuple[float, float] = (0.5, 5.0),
         status: RuntimeStatus | None = None,
