@@ -40,7 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ROOT, free_port, wait_for_line
 
-from bridge.mqtt import acknowledged
+
+def acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged a QoS 1 publish.
+
+    paho keeps a message published while disconnected and sends it after reconnecting, but its
+    `is_published()` raises for it forever (rc stays MQTT_ERR_NO_CONN): read the flag regardless.
+    """
+    if info.rc == paho.MQTT_ERR_NO_CONN:
+        info.rc = paho.MQTT_ERR_SUCCESS
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
 
 
 @dataclass

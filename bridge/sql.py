@@ -977,7 +977,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
             ).start()
         return engine
     # No pool_pre_ping (a round trip per transaction): a connection found dead is invalidated by the
-    # store and the bridge retries at once on a fresh one (MqttBridge._retrying).
+    # store and the bridge retries at once on a fresh one (Pipeline._retrying).
     return create_engine(url)
 
 
