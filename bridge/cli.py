@@ -43,6 +43,7 @@ from .http import HttpServer, HttpServerError
 from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, CostBudget, RateLimiter
 from .metrics import Health, Metrics, Summary, database_probe
 from .model import User
+from .mqttc_transport import MqttcTransport
 from .paho_transport import PahoTransport
 from .pipeline import Pipeline
 from .protocol import iso_ms
@@ -50,7 +51,7 @@ from .runtime import Bridge, InProcessEvents, Publisher
 from .service import Service, new_id, wall_clock_ms
 from .sql import TRANSIENT_ERRORS, SqlUnitOfWork, init_db, is_transient, make_engine
 from .topics import BRIDGE_ACCOUNT, SERVICE_ACCOUNTS, Topics, is_user_id
-from .transport import Event
+from .transport import Event, Transport
 
 log = logging.getLogger("chat-bridge")
 
@@ -145,6 +146,12 @@ OPTIONS = (
         "CHAT_BRIDGE_LEASE",
         "10",
         "scale-out: seconds a worker's partitions stay its own without a heartbeat (then others take them)",
+    ),
+    (
+        "--mqtt-client",
+        "CHAT_BRIDGE_MQTT_CLIENT",
+        "mqttc",
+        "the bridge's own MQTT client: mqttc (its asyncio client, less CPU per message) or paho",
     ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     (
@@ -389,6 +396,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise ConfigError(f"--max-event-size must be at least {MIN_MAX_EVENT} bytes (a full group's details)")
     if args.presence not in ("broadcast", "retained"):
         raise ConfigError(f"--presence is broadcast or retained, not {args.presence!r}")
+    if args.mqtt_client not in ("mqttc", "paho"):
+        raise ConfigError(f"--mqtt-client is mqttc or paho, not {args.mqtt_client!r}")
     http_listen = None if str(args.http_listen).strip().lower() == "off" else str(args.http_listen)
     if http_listen is not None:
         parse_listen(http_listen, "--http-listen")
@@ -411,6 +420,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         nats_url=args.nats_url or None,
         partitions=_partitions(args.partitions),
         lease=_positive(args.lease, "--lease"),
+        mqtt_client=args.mqtt_client,
     )
     settings.broker()  # validates the URL
     check_database_url(settings.database_url)
@@ -479,11 +489,10 @@ def build_bridge(
     will = Event(topics.status, orjson.dumps({"status": "offline", "epoch": service.epoch}), retain=True)
     address = broker or settings.broker()
     options = {"client_id": settings.client_id, "keepalive": settings.keepalive, "will": will}
-    transport = (
-        PahoTransport(address, topics.commands, **options)  # type: ignore[arg-type]
-        if publisher is None
-        else InProcessEvents(address, topics.commands, publisher=publisher, **options)
-    )
+    client = MqttcTransport if settings.mqtt_client == "mqttc" else PahoTransport
+    transport: Transport = client(address, topics.commands, **options)  # type: ignore[arg-type]
+    if publisher is not None:
+        transport = InProcessEvents(transport, publisher)
     pipeline = Pipeline(
         service,
         transport,

@@ -79,6 +79,7 @@ class Settings:
     nats_url: str | None = None  # scale-out: one worker of a group over a NATS cluster
     partitions: int = 64  # scale-out: partitions of the command log (the NATS mapping's count)
     lease: float = 10.0  # scale-out: seconds a worker's leases last without a heartbeat
+    mqtt_client: str = "mqttc"  # the bridge's MQTT client: "mqttc" (bridge/mqtt_client.py) or "paho"
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
     http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off
     log_summary: float = 60.0  # seconds between throughput lines in the log; 0: none

@@ -12,23 +12,31 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-from .paho_transport import PahoTransport
 from .pipeline import Pipeline
-from .transport import Disconnected, Event
+from .transport import Disconnected, Event, Listener, Transport
 
 # Publishes events in-process (the embedded broker): (topic, payload, retain) in order -> a future
 # that completes once the broker has taken them all.
 Publisher = Callable[[list[tuple[str, bytes, bool]]], "concurrent.futures.Future[None]"]
 
 
-class InProcessEvents(PahoTransport):
-    """Commands over MQTT (acknowledged after commit, like any transport); events handed straight to
-    the embedded broker, in order, one hand-over per burst of events."""
+class InProcessEvents:
+    """Commands over MQTT through `commands` (any transport: acknowledged after commit, like any);
+    events handed straight to the embedded broker, in order, one hand-over per burst of events."""
 
-    def __init__(self, *args: object, publisher: Publisher, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, commands: Transport, publisher: Publisher) -> None:
+        self.commands = commands
         self.publisher = publisher
         self._batch: list[tuple[Event, asyncio.Future[None]]] = []
+
+    def start(self, listener: Listener) -> None:
+        self.commands.start(listener)
+
+    def resubscribe(self) -> None:
+        self.commands.resubscribe()
+
+    def reconnect(self) -> None:
+        self.commands.reconnect()
 
     def publish(self, event: Event) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -68,7 +76,7 @@ class InProcessEvents(PahoTransport):
         if farewell is not None:
             with contextlib.suppress(Disconnected, TimeoutError):
                 await asyncio.wait_for(self.publish(farewell), timeout=5)
-        await super().close(None)
+        await self.commands.close(None)
 
 
 class Bridge:
