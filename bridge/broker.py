@@ -238,6 +238,28 @@ class Caps:
     max_keepalive: int = 300  # a keepalive of 0 or above this counts as this (the watchdog)
 
 
+class FailedLogins:
+    """Wrong passwords per address, as the Mosquitto plugin counts them: `burst` are checked, then one
+    more every `every_ms`; beyond that a CONNECT from the address is refused without checking (the
+    right password too), so guessing costs the broker no hashing and the bridge no time."""
+
+    def __init__(self, burst: int = 10, every_ms: int = 6000, max_tracked: int = 100_000) -> None:
+        self.burst, self.every_ms, self.max_tracked = float(burst), every_ms, max_tracked
+        self._left: dict[str, tuple[float, int]] = {}  # address -> (checks left, when counted)
+
+    def _tokens(self, address: str, now_ms: int) -> float:
+        left, at = self._left.get(address, (self.burst, now_ms))
+        return min(self.burst, left + (now_ms - at) / self.every_ms)
+
+    def allowed(self, address: str, now_ms: int) -> bool:
+        return self._tokens(address, now_ms) >= 1
+
+    def failed(self, address: str, now_ms: int) -> None:
+        if address not in self._left and len(self._left) >= self.max_tracked:
+            self._left = {a: v for a, v in self._left.items() if self._tokens(a, now_ms) < self.burst}
+        self._left[address] = (max(0.0, self._tokens(address, now_ms) - 1), now_ms)
+
+
 class Refused(Exception):
     """A CONNECT refused before any session work: the CONNACK code and why (for the log)."""
 
@@ -277,6 +299,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         self.topics = topics
         self.accounts = accounts
         self.caps = caps
+        self.failed_logins = FailedLogins()
         self._bridge_secret = bridge_secret
         self._admitted: dict[int, Any] = {}  # id -> session, between admission and amqtt's auth call
         self._account_task: asyncio.Task[None] | None = None
@@ -347,8 +370,8 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
 
     # -- admission, before any session work --------------------------------------------------
 
-    def _check(self, incoming: Any) -> None:
-        """Raises Refused unless this CONNECT may go on to session work."""
+    def _check(self, incoming: Any, address: str = "?") -> None:
+        """Raises Refused unless this CONNECT (from this address) may go on to session work."""
         user = incoming.username or ""
         password = incoming.password or ""
         if isinstance(password, bytes):
@@ -364,7 +387,11 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                 )
             return
         if self.accounts is not None:
+            now = _now_ms()
+            if not self.failed_logins.allowed(address, now):
+                raise Refused(NOT_AUTHORIZED, f"{address} failed to log in too often: not checked")
             if not user or not self.accounts.verify(user, password):
+                self.failed_logins.failed(address, now)
                 raise Refused(NOT_AUTHORIZED, f"unknown user or wrong password for {user!r}")
             if not client_id_allowed(user, client_id):
                 raise Refused(
@@ -401,7 +428,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         except NoDataError as exc:
             raise AMQTTError(exc) from exc
         try:
-            self._check(incoming)
+            self._check(incoming, (writer.get_peer_info() or ("?", 0))[0])
             existing = self._sessions.get(incoming.client_id) if incoming.client_id else None
             if existing is not None and (existing[0].username or "") != (incoming.username or ""):
                 raise Refused(IDENTIFIER_REJECTED, f"client id {incoming.client_id!r} is another user's")

@@ -125,7 +125,7 @@ OPTIONS = (
         "--http-listen",
         "CHAT_BRIDGE_HTTP_LISTEN",
         DEFAULT_HTTP_LISTEN,
-        "host:port of the HTTP server (/healthz, /metrics, the browser client at /); off: none",
+        "host:port of the HTTP server (/healthz, /metrics, a placeholder page at /); off: none",
     ),
     (
         "--nats-url",

@@ -24,9 +24,11 @@ ObjectId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 RequestId = Annotated[str, StringConstraints(max_length=64)]
 # Characters a name shown to other people may not hold: control characters (NUL, newlines, escapes),
 # line and paragraph separators, bidi overrides, embeddings and isolates (which reorder what follows
-# them: spoofed names), and zero-width characters (look-alike names).
+# them: spoofed names), and zero-width or blank-looking characters (look-alike names: the combining
+# grapheme joiner, Hangul fillers, the braille blank).
 _UNSHOWABLE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]"
+    "[\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u180e\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u2069\u2800\u3164\ufeff\uffa0]"
 )
 
 

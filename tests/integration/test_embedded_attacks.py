@@ -329,6 +329,17 @@ def test_without_accounts_only_the_bridge_publishes_outside_command_topics(tmp_p
 # -- what an account may hold ----------------------------------------------------------------------
 
 
+def test_password_guessing_is_throttled_per_address(tmp_path: Path) -> None:
+    with embedded(tmp_path) as broker:
+        guesses = [Raw(broker.port, "bob:g", "bob", f"guess-{i}") for i in range(12)]
+        assert all(g.refused for g in guesses)
+        # from the same address, even the right password is not checked now
+        right = Raw(broker.port, "bob:ok", "bob", ACCOUNTS["bob"])
+        assert right.refused
+        for c in (*guesses, right):
+            c.stop()
+
+
 def test_connections_and_persistent_sessions_are_capped_per_account(tmp_path: Path) -> None:
     from bridge.broker import Caps
 

@@ -223,6 +223,9 @@ def test_idle_buckets_are_forgotten() -> None:
         "joiner\u200d",
         "\ufeffbom",
         "line\u2028separator",
+        "b\u034fob",  # combining grapheme joiner: invisible
+        "\u115fbob",  # Hangul choseong filler: a blank that is not a space
+        "bob\u2800",  # braille blank
     ],
 )
 def test_display_names_and_titles_refuse_unshowable_characters(w: World, name: str) -> None:
