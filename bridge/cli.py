@@ -39,7 +39,7 @@ from .config import (
     check_prefix,
     parse_listen,
 )
-from .http import HttpServer, HttpServerError
+from .http import HttpServer, HttpServerError, WebConfig
 from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, CostBudget, RateLimiter
 from .metrics import Health, Metrics, Summary, database_probe
 from .model import User
@@ -553,7 +553,14 @@ class Monitoring:
         if settings.http_listen:
             host, port = parse_listen(settings.http_listen, "--http-listen")
             try:
-                self.http = HttpServer(host, port, self.health, self.metrics)
+                # the page at / learns the prefix, and whether the embedded broker wants passwords
+                # (an external broker's accounts are its own: unknown here)
+                embedded = not (settings.broker_url or settings.nats_url)
+                web = WebConfig(
+                    prefix=settings.topic_prefix,
+                    accounts=bool(settings.password_file) if embedded else None,
+                )
+                self.http = HttpServer(host, port, self.health, self.metrics, web=web)
             except HttpServerError as exc:
                 raise ConfigError(
                     f"--http-listen {settings.http_listen}: {exc}; choose another host:port or `off`"
