@@ -63,6 +63,7 @@ class Mqtt(Protocol):
     def will_set(self, topic: str, payload: bytes, qos: int = ..., retain: bool = ...) -> None: ...
     def username_pw_set(self, username: str | None, password: str | None = ...) -> None: ...
     def tls_set_context(self, context: ssl.SSLContext | None = ...) -> None: ...
+    def ws_set_options(self, path: str = ...) -> None: ...
     def reconnect_delay_set(self, min_delay: int = ..., max_delay: int = ...) -> None: ...
     def connect_async(self, host: str, port: int = ..., keepalive: int = ...) -> Any: ...
     def loop_start(self) -> Any: ...
@@ -72,7 +73,7 @@ class Mqtt(Protocol):
     def disconnect(self) -> Any: ...
 
 
-def paho_client(client_id: str, clean_session: bool) -> Mqtt:
+def paho_client(client_id: str, clean_session: bool, transport: str = "tcp") -> Mqtt:
     return cast(
         Mqtt,
         paho.Client(
@@ -80,6 +81,7 @@ def paho_client(client_id: str, clean_session: bool) -> Mqtt:
             client_id=client_id,
             clean_session=clean_session,
             protocol=paho.MQTTv311,
+            transport=transport,  # type: ignore[arg-type]
         ),
     )
 
@@ -105,6 +107,8 @@ class Options:
     display_name: str | None = None
     timeout: float = 10.0
     catch_up: bool = True
+    transport: str = "tcp"  # or "websockets": MQTT over WebSockets at ws_path (subprotocol mqtt)
+    ws_path: str = "/mqtt"
 
 
 class _Pending:
@@ -122,8 +126,10 @@ class ChatSession:
         user: str,
         options: Options,
         deliver: Callable[[Event], None],
-        mqtt_factory: Callable[[str, bool], Mqtt] = paho_client,
+        mqtt_factory: Callable[..., Mqtt] = paho_client,
     ) -> None:
+        if options.transport not in ("tcp", "websockets"):
+            raise ValueError(f"transport is 'tcp' or 'websockets', not {options.transport!r}")
         self.user = user
         self.options = options
         self.client_id = client_id_for(user, options.device)
@@ -149,7 +155,11 @@ class ChatSession:
         self._closed = False
         self.session: Session | None = None
 
-        mqtt = mqtt_factory(self.client_id, options.device is None)
+        if options.transport == "websockets":
+            mqtt = mqtt_factory(self.client_id, options.device is None, transport="websockets")
+            mqtt.ws_set_options(path=options.ws_path)
+        else:
+            mqtt = mqtt_factory(self.client_id, options.device is None)
         if options.password is not None or options.username is not None:
             mqtt.username_pw_set(options.username or user, options.password)
         if options.tls:

@@ -71,10 +71,24 @@ class Client:
         display_name: str | None = None,
         timeout: float = 10.0,
         catch_up: bool = True,
-        _mqtt_factory: Callable[[str, bool], Mqtt] = paho_client,
+        transport: str = "tcp",
+        ws_path: str = "/mqtt",
+        _mqtt_factory: Callable[..., Mqtt] = paho_client,
     ) -> None:
         options = Options(
-            host, port, device, username, password, tls, prefix, keepalive, display_name, timeout, catch_up
+            host,
+            port,
+            device,
+            username,
+            password,
+            tls,
+            prefix,
+            keepalive,
+            display_name,
+            timeout,
+            catch_up,
+            transport,
+            ws_path,
         )
         self._handlers: list[tuple[str | None, Handler]] = []
         self._dispatch: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
