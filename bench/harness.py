@@ -80,7 +80,8 @@ def start_bridge(port: int, database_url: str | None = None, *extra: str) -> sub
 def start_embedded(database_url: str, *extra: str) -> tuple[subprocess.Popen[str], int]:
     """`chat-bridge serve` with its embedded amqtt broker on a free port; (process, port)."""
     port = free_port()
-    return _serve("--listen", f"127.0.0.1:{port}", "--database-url", database_url, *extra), port
+    ws = () if "--ws-listen" in extra else ("--ws-listen", "off")  # 127.0.0.1:9001 may be taken
+    return _serve("--listen", f"127.0.0.1:{port}", "--database-url", database_url, *ws, *extra), port
 
 
 def _no_delay(_c: object, _u: object, sock: object) -> None:

@@ -5,6 +5,14 @@ expires (upstream issue #308), so a client that stops answering without
 closing its socket (SIGSTOP, power loss) would never get its will published.
 `KeepaliveWatchdog` closes such connections after 1.5 times the keepalive, as
 MQTT 3.1.1 (section 3.1.2.10) and Mosquitto do; amqtt then publishes the will.
+
+The broker also serves MQTT over WebSockets (`serve --ws-listen`) at `/mqtt` only, with the
+subprotocol `mqtt` (what MQTT.js and paho send). Both listeners go through the same admission
+(`EmbeddedBroker._initialize_client_session`), so accounts, the client id rule, the caps, the
+password-guessing throttle (per peer address) and the topic rules are the same over both. amqtt waits
+for a connection's CONNECT without a limit; here a connection that has not sent one within
+`CONNECT_TIMEOUT` seconds (after a WebSocket handshake that itself must finish within
+`WS_OPEN_TIMEOUT`) is closed.
 """
 
 from __future__ import annotations
@@ -20,12 +28,16 @@ import socket
 import time
 import weakref
 from dataclasses import dataclass
+from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
+import websockets.asyncio.server
 from amqtt.broker import Broker
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
@@ -42,6 +54,9 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_FACTOR = 1.5
 WATCH_INTERVAL = 0.2
+WS_PATH = "/mqtt"  # the only path the WebSockets listener upgrades
+WS_OPEN_TIMEOUT = 10.0  # seconds for a WebSocket opening handshake
+CONNECT_TIMEOUT = 10.0  # seconds from accepting a connection (TCP or WebSocket) to its CONNECT
 # Repeated warnings (refused connections, full queues) are logged at most once a minute per key: a
 # crowd of misbehaving clients cannot flood the log.
 _LOG_LIMIT = OncePer(60_000)
@@ -79,6 +94,30 @@ class LogThrottle(logging.Filter):
 
 
 _THROTTLE = LogThrottle()
+
+
+class HandshakeFailures(logging.Filter):
+    """Turns the websockets library's `opening handshake failed` error and its traceback (a plain HTTP
+    request, a wrong path or subprotocol, a client that hangs up) into a one-line warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "opening handshake failed" and record.exc_info and record.exc_info[1]:
+            exc = record.exc_info[1]
+            reason = str(exc) or type(exc).__name__
+            if exc.__cause__ is not None:
+                reason = f"{reason} ({exc.__cause__})"
+            record.msg, record.args = "refused a WebSocket opening handshake: %s", (reason,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# The WebSockets listener's logger: warnings only (no line per connection), one line per failed
+# handshake, at most a few a minute.
+WS_LOG = logging.getLogger("bridge.broker.websockets")
+WS_LOG.setLevel(logging.WARNING)
+WS_LOG.addFilter(HandshakeFailures())
+WS_LOG.addFilter(_THROTTLE)
 
 
 def throttle_amqtt_logs() -> None:
@@ -303,6 +342,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         self._bridge_secret = bridge_secret
         self._admitted: dict[int, Any] = {}  # id -> session, between admission and amqtt's auth call
         self._account_task: asyncio.Task[None] | None = None
+        self.connect_timeout = CONNECT_TIMEOUT
 
     async def start(self) -> None:
         await super().start()
@@ -368,6 +408,29 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                         )
                     )
 
+    # -- listeners ---------------------------------------------------------------------------
+
+    async def _create_server_instance(
+        self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
+    ) -> Any:
+        """amqtt's, but the WebSockets listener upgrades only `/mqtt` (anything else is a 404), bounds
+        its opening handshake, and names itself `chat-bridge`."""
+        if listener_type != ListenerType.WS:
+            return await super()._create_server_instance(
+                listener_name, listener_type, address, port, ssl_context
+            )
+        return await websockets.asyncio.server.serve(
+            partial(self.ws_connected, listener_name=listener_name),
+            address,
+            port,
+            ssl=ssl_context,
+            subprotocols=[websockets.Subprotocol("mqtt")],
+            process_request=_only_mqtt_path,
+            open_timeout=WS_OPEN_TIMEOUT,
+            server_header="chat-bridge",
+            logger=WS_LOG,
+        )
+
     # -- admission, before any session work --------------------------------------------------
 
     def _check(self, incoming: Any, address: str = "?") -> None:
@@ -417,9 +480,13 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Any]:
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager
+            handler, incoming = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                self.connect_timeout,
             )
+        except TimeoutError:
+            await writer.close()
+            raise AMQTTError(f"no CONNECT within {self.connect_timeout:g} s") from None
         except AMQTTError as exc:
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
@@ -591,6 +658,13 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             await asyncio.wait(sends)
 
 
+def _only_mqtt_path(connection: Any, request: Any) -> Any:
+    """Refuses, before the upgrade, a WebSocket handshake for any path but `/mqtt`."""
+    if urlsplit(request.path).path == WS_PATH:
+        return None
+    return connection.respond(HTTPStatus.NOT_FOUND, f"MQTT over WebSockets is at {WS_PATH}\n")
+
+
 class InProcessPublisher:
     """Hands the bridge's events straight to the embedded broker, skipping MQTT between the two.
 
@@ -624,13 +698,21 @@ class InProcessPublisher:
             await self.broker.internal_message_broadcast(topic, payload)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Fails fast, with what to do, when something else already listens there."""
+def check_port_free(host: str, port: int, option: str = "--listen") -> None:
+    """Fails fast, with what to do, when something else already listens there (`option` is the one
+    that chose the address: `--listen` or `--ws-listen`)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and option == "--ws-listen":
+                raise BrokerStartError(
+                    f"{host}:{port} is already in use (another broker's WebSockets listener, such as "
+                    f"Mosquitto's, may be running there). Let the embedded broker serve WebSockets "
+                    f"elsewhere, e.g. `chat-bridge serve --ws-listen 127.0.0.1:9002`, or not at all "
+                    f"with `--ws-listen off`."
+                ) from None
             if exc.errno == errno.EADDRINUSE:
                 raise BrokerStartError(
                     f"{host}:{port} is already in use (another MQTT broker, such as a local Mosquitto, "
@@ -638,7 +720,7 @@ def check_port_free(host: str, port: int) -> None:
                     f"`chat-bridge serve --listen 127.0.0.1:1884`, or use the running broker with "
                     f"`chat-bridge serve --broker-url mqtt://{host}:{port}`."
                 ) from None
-            raise BrokerStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise BrokerStartError(f"{option} {host}:{port}: cannot listen there: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -667,14 +749,18 @@ def broker_config(
     prefix: str = "chat/v1",
     guard: tuple[float, int] | None = None,
     caps: Caps = Caps(),
+    ws_listen: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """amqtt's configuration. Accounts and topic rules are not plugins: `EmbeddedBroker` applies them
-    before amqtt's own connection handling."""
+    before amqtt's own connection handling. `ws_listen` adds the WebSockets listener."""
     plugins: dict[str, Any] = {"bridge.broker.KeepaliveWatchdog": {"max_keepalive": caps.max_keepalive}}
     if guard is not None:
         plugins["bridge.broker.FloodGuard"] = {"prefix": prefix, "rate": guard[0], "burst": guard[1]}
+    listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+    if ws_listen is not None:
+        listeners["ws"] = {"type": "ws", "bind": f"{ws_listen[0]}:{ws_listen[1]}"}
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": listeners,
         "timeout_disconnect_delay": 0,
         "session_expiry_interval": caps.session_expiry,
         "plugins": plugins,
@@ -691,14 +777,18 @@ async def start_broker(
     bridge_secret: str | None = None,
     caps: Caps = Caps(),
     topic_rules: bool = True,
+    ws_listen: tuple[str, int] | None = None,
 ) -> EmbeddedBroker:
     """Starts amqtt in the running event loop (it must be built inside one).
 
     With `security`, clients need an account of its password file; the bridge's account (client ids
     `chat-bridge`, `chat-bridge:<worker>`) needs `security.internal_secret`. Without, anybody may
     connect but the bridge's client ids still need `bridge_secret` (a random one if not given).
-    `topic_rules=False` lets anybody publish and read anything (tests of MQTT clients only)."""
+    `topic_rules=False` lets anybody publish and read anything (tests of MQTT clients only).
+    `ws_listen` (host, port): also serve MQTT over WebSockets there, at `/mqtt`."""
     check_port_free(host, port)
+    if ws_listen is not None:
+        check_port_free(*ws_listen, option="--ws-listen")
     accounts = None
     if security is not None:
         if not security.password_file.is_file():
@@ -713,7 +803,7 @@ async def start_broker(
         accounts = Accounts(security.password_file)
         bridge_secret, prefix = security.internal_secret, security.prefix
     broker = EmbeddedBroker(
-        broker_config(host, port, prefix=prefix, guard=guard, caps=caps),
+        broker_config(host, port, prefix=prefix, guard=guard, caps=caps, ws_listen=ws_listen),
         topics=Topics(prefix, open_access=accounts is None) if topic_rules else AnyTopic(prefix),
         bridge_secret=bridge_secret or secrets.token_urlsafe(32),
         accounts=accounts,
@@ -725,4 +815,12 @@ async def start_broker(
         raise BrokerStartError(f"the embedded broker could not start on {host}:{port}: {exc}") from None
     throttle_amqtt_logs()
     log.info("embedded MQTT broker listening on %s:%d", host, port)
+    if ws_listen is not None:
+        log.info("embedded MQTT broker serving WebSockets on %s", ws_url(*ws_listen))
     return broker
+
+
+def ws_url(host: str, port: int) -> str:
+    """The URL MQTT-over-WebSockets clients on this host connect to for a `--ws-listen` address."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"ws://{f'[{host}]' if ':' in host else host}:{port}{WS_PATH}"

@@ -27,12 +27,14 @@ from .broker import (
     check_port_free,
     flood_guard_for,
     start_broker,
+    ws_url,
 )
 from .config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_HTTP_LISTEN,
     DEFAULT_LISTEN,
     DEFAULT_PREFIX,
+    DEFAULT_WS_LISTEN,
     BrokerAddress,
     ConfigError,
     Settings,
@@ -122,6 +124,12 @@ OPTIONS = (
         f"(Mosquitto's max_packet_size); at least {MIN_MAX_EVENT}",
     ),
     (
+        "--ws-listen",
+        "CHAT_BRIDGE_WS_LISTEN",
+        DEFAULT_WS_LISTEN,
+        "embedded broker only: host:port where it also serves MQTT over WebSockets (path /mqtt); off: none",
+    ),
+    (
         "--http-listen",
         "CHAT_BRIDGE_HTTP_LISTEN",
         DEFAULT_HTTP_LISTEN,
@@ -161,6 +169,9 @@ OPTIONS = (
         "seconds between the INFO lines that sum up the commands and events handled; 0: none",
     ),
 )
+# Options whose value is None unless given (on the command line or in the environment), because
+# giving them matters: `--ws-listen` with an external broker is ignored with a warning.
+UNSET_UNLESS_GIVEN = {"--ws-listen"}
 DEFAULT_PASSWORD_FILE = "mosquitto/passwd"
 
 
@@ -175,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, env, default, text in OPTIONS:
         shown = "" if default is None else f"; default {default}"
-        serve.add_argument(flag, default=os.environ.get(env, default), help=f"{text} [env {env}{shown}]")
+        value = os.environ.get(env, None if flag in UNSET_UNLESS_GIVEN else default)
+        serve.add_argument(flag, default=value, help=f"{text} [env {env}{shown}]")
     serve.set_defaults(parser=serve)
 
     users = sub.add_parser("users", help="manage accounts in a Mosquitto password file")
@@ -372,6 +384,28 @@ def _partitions(value: str) -> int:
     return count
 
 
+def ws_listen_from(args: argparse.Namespace, http_listen: str | None) -> str | None:
+    """`--ws-listen` checked: None when off, or ignored (with a warning) for an external broker."""
+    given = args.ws_listen
+    value = str(given if given is not None else DEFAULT_WS_LISTEN).strip()
+    if value.lower() == "off":
+        return None
+    address = parse_listen(value, "--ws-listen")
+    if args.broker_url or args.nats_url:
+        if given is not None:
+            log.warning(
+                "--ws-listen %s is ignored: it is for the embedded broker, and %s names another "
+                "(serve MQTT over WebSockets from that broker)",
+                value,
+                "--nats-url" if args.nats_url else "--broker-url",
+            )
+        return None
+    for option, other in (("--listen", args.listen), ("--http-listen", http_listen)):
+        if other is not None and parse_listen(other, option) == address:
+            raise ConfigError(f"--ws-listen {value} is also {option}'s address; give them different ports")
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     parse_listen(args.listen)
     try:
@@ -401,6 +435,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     http_listen = None if str(args.http_listen).strip().lower() == "off" else str(args.http_listen)
     if http_listen is not None:
         parse_listen(http_listen, "--http-listen")
+    ws_listen = ws_listen_from(args, http_listen)
     settings = Settings(
         broker_url=args.broker_url or None,
         listen=args.listen,
@@ -416,6 +451,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         presence=args.presence,
         max_event=max_event,
         http_listen=http_listen,
+        ws_listen=ws_listen,
         log_summary=summary,
         nats_url=args.nats_url or None,
         partitions=_partitions(args.partitions),
@@ -434,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("amqtt").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per WebSocket connection
     logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -560,7 +597,9 @@ class Monitoring:
                     prefix=settings.topic_prefix,
                     accounts=bool(settings.password_file) if embedded else None,
                 )
-                self.http = HttpServer(host, port, self.health, self.metrics, web=web)
+                self.http = HttpServer(
+                    host, port, self.health, self.metrics, web=web, ws_address=settings.ws_address()
+                )
             except HttpServerError as exc:
                 raise ConfigError(
                     f"--http-listen {settings.http_listen}: {exc}; choose another host:port or `off`"
@@ -613,12 +652,21 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         security = Security(Path(settings.password_file), secret, settings.topic_prefix)
     address = BrokerAddress(settings.broker().host, port, BRIDGE_ACCOUNT, secret)
     guard = flood_guard_for(settings.rate_limit, settings.rate_burst)
+    ws = settings.ws_address()
     # A busy port fails fast, before the database is touched; a bad database fails before the broker
     # starts (nothing to stop then).
     check_port_free(host, port)
+    if ws is not None:
+        check_port_free(*ws, option="--ws-listen")
     open_database(settings.database_url).dispose()
     broker = await start_broker(
-        host, port, security, prefix=settings.topic_prefix, guard=guard, bridge_secret=secret
+        host,
+        port,
+        security,
+        prefix=settings.topic_prefix,
+        guard=guard,
+        bridge_secret=secret,
+        ws_listen=ws,
     )
     # Commands still come over MQTT (an ordinary subscription, acknowledged after commit); events go
     # straight into the broker.
@@ -636,9 +684,10 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
     settle_memory()
     monitoring.start()
     log.info(
-        "embedded broker on %s:%d (%s); database %s",
+        "embedded broker on %s:%d%s (%s); database %s",
         host,
         port,
+        f" and {ws_url(*ws)}" if ws else "",
         f"accounts from {settings.password_file}"
         if security
         else "no accounts: anybody may send commands, only the bridge publishes events",

@@ -12,6 +12,7 @@ DEFAULT_LISTEN = "127.0.0.1:1883"
 DEFAULT_DATABASE_URL = "sqlite:///chat-bridge.sqlite3"
 DEFAULT_PREFIX = "chat/v1"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
+DEFAULT_WS_LISTEN = "127.0.0.1:9001"
 
 
 class ConfigError(ValueError):
@@ -82,9 +83,17 @@ class Settings:
     mqtt_client: str = "mqttc"  # the bridge's MQTT client: "mqttc" (bridge/mqtt_client.py) or "paho"
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
     http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off
+    ws_listen: str | None = DEFAULT_WS_LISTEN  # embedded broker: host:port of MQTT over WebSockets; None: off
     log_summary: float = 60.0  # seconds between throughput lines in the log; 0: none
     probe_interval: float = 15.0  # seconds between the bridge's probes of its own command subscription
     probe_timeout: float = 5.0  # a probe not back by then: subscribe again, then reconnect
+
+    def ws_address(self) -> tuple[str, int] | None:
+        """Where the embedded broker serves MQTT over WebSockets (path /mqtt); None when it does not
+        (`--ws-listen off`, or no embedded broker)."""
+        if self.ws_listen is None or self.broker_url or self.nats_url:
+            return None
+        return parse_listen(self.ws_listen, "--ws-listen")
 
     def broker(self) -> BrokerAddress:
         if self.broker_url:

@@ -29,6 +29,7 @@ class ChatClient:
         clean_session: bool = True,
         username: str | None = None,
         password: str | None = None,
+        transport: str = "tcp",  # or "websockets" (path /mqtt)
     ) -> None:
         self.user = user
         self.prefix = prefix
@@ -44,7 +45,10 @@ class ChatClient:
             client_id=client_id or f"{user}:{self.session_id}",
             clean_session=clean_session,
             protocol=paho.MQTTv311,
+            transport=transport,  # type: ignore[arg-type]
         )
+        if transport == "websockets":
+            self.client.ws_set_options(path="/mqtt")
         if username:
             self.client.username_pw_set(username, password)
         will = orjson.dumps({"session_id": self.session_id, "reason": "lost"})

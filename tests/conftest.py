@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Bridges that tests start as `chat-bridge serve` run no HTTP server unless a test asks for one on a
 # free port: the default 127.0.0.1:8080 would be shared by every test (and every suite) running at once.
 os.environ["CHAT_BRIDGE_HTTP_LISTEN"] = "off"
+os.environ["CHAT_BRIDGE_WS_LISTEN"] = "off"  # likewise the WebSockets listener's 127.0.0.1:9001
 
 PG_ADMIN_URL = os.environ.get("CHAT_BRIDGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 

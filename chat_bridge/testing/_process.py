@@ -95,10 +95,12 @@ def _serve_options() -> str:
 class BridgeProcess:
     """`chat-bridge serve` in a child process.
 
-    Without `broker_url` it runs the embedded broker on a free loopback port (`port`); with one, it
-    uses that broker and clients connect there. The database is a SQLite file in `workdir` unless
-    `database_url` is given. Its HTTP and WebSockets listeners are off. `client(user)` makes SDK
-    clients for it; `restart()` stops it and starts it again on the same port and database.
+    Without `broker_url` it runs the embedded broker on a free loopback port (`port`), which also
+    serves MQTT over WebSockets on another (`ws_port`, `ws_url`: ws://127.0.0.1:PORT/mqtt); with one,
+    it uses that broker and clients connect there (`ws_port` and `ws_url` are None). The database is a
+    SQLite file in `workdir` unless `database_url` is given. Its HTTP server is off unless
+    `extra_args` turn it on. `client(user)` makes SDK clients for it; `restart()` stops it and starts
+    it again on the same ports and database.
     """
 
     def __init__(
@@ -127,6 +129,13 @@ class BridgeProcess:
             )
         else:
             self.host, self.port = "127.0.0.1", free_port()
+        self.ws_port: int | None = None
+        if not broker_url and "--ws-listen" not in extra_args and "--ws-listen" in _serve_options():
+            self.ws_port = free_port()
+        elif "--ws-listen" in extra_args:
+            given = extra_args[extra_args.index("--ws-listen") + 1 :][:1]
+            if given and given[0].rpartition(":")[2].isdigit():
+                self.ws_port = int(given[0].rpartition(":")[2])
         self.epoch: str | None = None
         self.log_path = self.workdir / "chat-bridge.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -138,10 +147,16 @@ class BridgeProcess:
             cmd += ["--broker-url", self.broker_url]
         else:
             cmd += ["--listen", f"{self.host}:{self.port}"]
-        for option in ("--http-listen", "--ws-listen"):  # their default ports would collide
-            if option in _serve_options() and option not in self.extra_args:
-                cmd += [option, "off"]
+        if self.ws_port is not None and "--ws-listen" not in self.extra_args:
+            cmd += ["--ws-listen", f"{self.host}:{self.ws_port}"]
+        if "--http-listen" in _serve_options() and "--http-listen" not in self.extra_args:
+            cmd += ["--http-listen", "off"]  # its default port would collide
         return [*cmd, *self.extra_args]
+
+    @property
+    def ws_url(self) -> str | None:
+        """Where MQTT-over-WebSockets clients connect (subprotocol `mqtt`), None without a listener."""
+        return None if self.ws_port is None else f"ws://{self.host}:{self.ws_port}/mqtt"
 
     def start(self, timeout: float = 30) -> BridgeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_BRIDGE_")}
@@ -195,9 +210,15 @@ class BridgeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def client(self, user: str, **options: Any) -> Client:
-        """An SDK client for this bridge (not connected yet: `connect()` or `with`)."""
+        """An SDK client for this bridge (not connected yet: `connect()` or `with`); over WebSockets
+        (`ws_port`) with `transport="websockets"`."""
         options.setdefault("prefix", self.prefix)
-        return Client(user, self.host, self.port, **options)
+        port = self.port
+        if options.get("transport") == "websockets":
+            if self.ws_port is None:
+                raise ValueError("this bridge serves no WebSockets (`--ws-listen off` or an external broker)")
+            port = self.ws_port
+        return Client(user, self.host, port, **options)
 
     def __enter__(self) -> BridgeProcess:
         return self.start()

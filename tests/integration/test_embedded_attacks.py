@@ -59,6 +59,7 @@ class Raw:
         will: tuple[str, bytes, bool] | None = None,
         keepalive: int = 30,
         subscribe: tuple[str, ...] = (),
+        transport: str = "tcp",  # or "websockets" (path /mqtt)
     ) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.rc: Any = None
@@ -66,8 +67,13 @@ class Raw:
         self.answered = threading.Event()
         self.gone = threading.Event()
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            transport=transport,  # type: ignore[arg-type]
         )
+        if transport == "websockets":
+            self.client.ws_set_options(path="/mqtt")
         self.client.reconnect_delay_set(30, 60)  # no quick automatic reconnects: we watch this one
         if username is not None:
             self.client.username_pw_set(username, password)
