@@ -113,7 +113,13 @@ def user_entry(user_id: str, password_hash: str, topic_prefix: str = "chat/v1") 
     """One account of users.conf, with the permissions of its kind."""
     s = Subjects.for_topic_prefix(topic_prefix)
     if user_id == BRIDGE_ACCOUNT:
-        return f"  {{user: {_q(user_id)}, password: {_q(password_hash)}}}"
+        # Everything in the account, said explicitly: NATS 2.9.10 crashed on a configuration reload
+        # (nil permissions of the source of a retained message, mqttCheckPubRetainedPerms) when the
+        # account that published retained presence and status had no permissions block.
+        return (
+            f"  {{user: {_q(user_id)}, password: {_q(password_hash)}, "
+            'permissions: {publish: {allow: [">"]}, subscribe: {allow: [">"]}}}'
+        )
     if user_id == OBSERVER_ACCOUNT:
         sub = ["$MQTT.sub.>", f"{s.prefix}.conversations.*.events", f"{s.prefix}.bridge.status"]
         pub: list[str] = []
@@ -135,7 +141,7 @@ def user_entry(user_id: str, password_hash: str, topic_prefix: str = "chat/v1") 
         f"  {{user: {_q(user_id)}, password: {_q(password_hash)}, permissions: {{\n"
         f"     {publish},\n"
         f"     subscribe: {{allow: [{', '.join(_q(x) for x in sub)}]}}\n"
-        f'   }}, allowed_connection_types: ["MQTT"]}}'
+        f'   }}, allowed_connection_types: ["MQTT", "MQTT_WS"]}}'
     )
 
 
@@ -183,8 +189,10 @@ def node_conf(
     cluster: str | None = None,
     routes: list[str] | None = None,
     cluster_name: str = "chat",
+    websocket: str | None = None,
 ) -> str:
-    """One node's configuration; with `cluster`, a member of a cluster whose routes are given."""
+    """One node's configuration; with `cluster`, a member of a cluster whose routes are given; with
+    `websocket`, a WebSocket listener, where MQTT clients (browsers) connect at the path /mqtt."""
     lines = [
         f"# NATS node {name} of the chat (written by bridge/natsconf.py).",
         f"server_name: {name}",
@@ -193,6 +201,12 @@ def node_conf(
         "# MQTT 3.1.1 for the chat clients; with a cluster the MQTT streams are replicated on 3 nodes.",
         f"mqtt {{ listen: {mqtt}{', stream_replicas: 3' if cluster else ''} }}",
     ]
+    if websocket:
+        lines += [
+            "# MQTT over WebSocket for browsers, at ws://HOST:PORT/mqtt; without TLS for loopback only:",
+            "# elsewhere give it a tls { cert_file, key_file } block instead of no_tls.",
+            f"websocket {{ listen: {_q(websocket)}, no_tls: true }}",
+        ]
     if cluster:
         route_list = ", ".join(_q(r) for r in routes or [])
         lines.append(f"cluster {{ name: {cluster_name}, listen: {cluster}, routes: [{route_list}] }}")
@@ -200,24 +214,35 @@ def node_conf(
     return "\n".join(lines)
 
 
+# The shipped nodes' ports: the usual ones of NATS and MQTT with a 1 in front, so that a local NATS
+# (4222) or Mosquitto (1883, 9001) keeps its own.
+NATS_PORT, MQTT_PORT, WS_PORT, ROUTE_PORT = 14222, 11883, 19001, 16222
+
+
 def shipped(directory: Path) -> dict[Path, str]:
     """The files of the project's nats/ directory: the chat account, one node for trying it, and a
-    cluster of three nodes on one host (ports 4222-4224, MQTT 1883-1885, routes 6222-6224)."""
+    cluster of three nodes on one host (node i: NATS 14222+i, MQTT 11883+i, MQTT over WebSocket
+    19001+i, routes 16222+i)."""
     files = {
         directory / "chat.conf": account_conf(),
         directory / "single.conf": node_conf(
-            "chat-nats", client="127.0.0.1:4222", mqtt="127.0.0.1:1883", store_dir="data/single"
+            "chat-nats",
+            client=f"127.0.0.1:{NATS_PORT}",
+            mqtt=f"127.0.0.1:{MQTT_PORT}",
+            store_dir="data/single",
+            websocket=f"127.0.0.1:{WS_PORT}",
         ),
     }
-    routes = [f"nats-route://127.0.0.1:{6222 + i}" for i in range(3)]
+    routes = [f"nats-route://127.0.0.1:{ROUTE_PORT + i}" for i in range(3)]
     for i in range(3):
         files[directory / f"cluster-n{i + 1}.conf"] = node_conf(
             f"chat-nats-{i + 1}",
-            client=f"127.0.0.1:{4222 + i}",
-            mqtt=f"127.0.0.1:{1883 + i}",
+            client=f"127.0.0.1:{NATS_PORT + i}",
+            mqtt=f"127.0.0.1:{MQTT_PORT + i}",
             store_dir=f"data/n{i + 1}",
-            cluster=f"127.0.0.1:{6222 + i}",
+            cluster=f"127.0.0.1:{ROUTE_PORT + i}",
             routes=[r for j, r in enumerate(routes) if j != i],
+            websocket=f"127.0.0.1:{WS_PORT + i}",
         )
     return files
 

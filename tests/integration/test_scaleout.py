@@ -8,20 +8,25 @@ user's earlier commands.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from chatclient import ChatClient
 from conftest import ROOT
-from natscluster import NatsCluster, nats_available
+from natscluster import NatsCluster, free_port, nats_available
 from sqlalchemy import create_engine, text
+
+from bridge.natsconf import partition_of
 
 pytestmark = [
     pytest.mark.postgres,
@@ -38,7 +43,14 @@ ACCOUNTS = {"chat-bridge": "bridge-pw", **{u: f"{u}-pw" for u in USERS}}
 class WorkerProc:
     """`chat-bridge serve --nats-url ...` in a process of its own, its log kept."""
 
-    def __init__(self, cluster: NatsCluster, database_url: str, node: int = 0, lease: float = 6) -> None:
+    def __init__(
+        self,
+        cluster: NatsCluster,
+        database_url: str,
+        node: int = 0,
+        lease: float = 6,
+        http: int | None = None,
+    ) -> None:
         n = cluster.nodes[node]
         urls = ",".join(f"nats://chat-bridge:bridge-pw@127.0.0.1:{x.client_port}" for x in cluster.nodes)
         self.log: list[str] = []
@@ -62,6 +74,8 @@ class WorkerProc:
                 "2",
                 "--rate-limit",
                 "0",
+                "--http-listen",
+                f"127.0.0.1:{http}" if http else "off",
             ],
             cwd=ROOT,
             stderr=subprocess.PIPE,
@@ -383,3 +397,106 @@ def test_workers_join_and_leave_under_load(cluster1: NatsCluster, pg_url: str) -
     finally:
         for w in workers:
             w.stop()
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_health(port: int, want: Callable[[int, dict], bool], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = http_get(port, "/healthz")
+        report = json.loads(body)
+        if want(status, report):
+            return report
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"/healthz never became what the test waits for: {status} {report}")
+        time.sleep(0.2)
+
+
+def metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_a_workers_healthz_follows_its_nats_server_and_metrics_show_its_partitions(
+    cluster1: NatsCluster, pg_url: str
+) -> None:
+    u0 = client(cluster1, "u0")
+    port = free_port()
+    worker = WorkerProc(cluster1, pg_url, http=port)
+    try:
+        u0.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        up = wait_health(port, lambda status, r: status == 200 and r["leases"]["partitions"] == PARTITIONS)
+        assert up["nats"]["connected"] and up["mqtt"]["connected"] and up["database"]["reachable"]
+        assert up["leases"]["leader"] and len(up["leases"]["epochs"]) == PARTITIONS
+        assert up["problems"] == [] and up["backlog"]["commands"] == 0
+        assert u0.connect_chat()["type"] == "connected"
+        _, text = http_get(port, "/metrics")
+        metrics = text.decode()
+        assert metric(metrics, "chat_bridge_worker_partitions_owned") == PARTITIONS
+        mine = partition_of("u0", PARTITIONS)
+        assert metric(metrics, f'chat_bridge_worker_commands_applied_total{{partition="{mine}"}}') == 1
+        assert metric(metrics, 'chat_bridge_worker_lease_takeovers_total{previous="none"}') == PARTITIONS
+        assert metric(metrics, 'chat_bridge_commands_total{command="connect",outcome="ok"}') == 1
+
+        cluster1.nodes[0].stop()  # its only NATS server goes away
+        down = wait_health(port, lambda status, r: status == 503)
+        assert not down["nats"]["connected"] and down["status"] == "unavailable"
+        assert any(p.startswith("NATS") for p in down["problems"]), down["problems"]
+        _, text = http_get(port, "/metrics")
+        assert metric(text.decode(), "chat_bridge_worker_nats_connected") == 0
+
+        cluster1.nodes[0].start()  # and comes back: the worker reconnects and is healthy again
+        again = wait_health(port, lambda status, r: status == 200)
+        assert again["nats"]["connected"] and again["leases"]["partitions"] == PARTITIONS
+        _, text = http_get(port, "/metrics")
+        assert metric(text.decode(), "chat_bridge_worker_nats_reconnects_total") == 1
+    finally:
+        worker.stop()
+
+
+def test_nats_reloads_new_accounts_after_the_workers_published_retained_topics(
+    cluster1: NatsCluster, pg_url: str
+) -> None:
+    """`chat-bridge users add --nats-users` then a reload (SIGHUP): NATS 2.9.10 crashed here when the
+    bridge's account, the source of the retained status and presence, had no permissions block."""
+    from bridge import natsconf
+
+    u0 = client(cluster1, "u0")
+    worker = WorkerProc(cluster1, pg_url)
+    try:
+        u0.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        assert u0.connect_chat()["type"] == "connected"  # and a retained presence of u0
+        users = cluster1.workdir / "users.conf"
+        accounts = natsconf.read_users(users)
+        accounts["newcomer"] = natsconf.bcrypt_hash("newcomer-pw")
+        users.write_text(natsconf.users_conf(accounts))
+        node = cluster1.nodes[0]
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not any("Reloaded server configuration" in line for line in node.log):
+            assert node.proc.poll() is None, "nats-server died on reload:\n" + "".join(node.log[-30:])
+            assert time.monotonic() < deadline, "".join(node.log[-30:])
+            time.sleep(0.1)
+        n = cluster1.nodes[0]
+        newcomer = ChatClient(
+            "newcomer",
+            "127.0.0.1",
+            n.mqtt_port,
+            client_id="newcomer:x",
+            username="newcomer",
+            password="newcomer-pw",
+        ).start(60)
+        assert newcomer.connect_chat()["type"] == "connected"
+        assert node.proc.poll() is None
+    finally:
+        worker.stop()
