@@ -140,8 +140,8 @@ OPTIONS = (
         "CHAT_BRIDGE_NATS_URL",
         None,
         "scale-out: run as one worker of a group over this NATS cluster (comma-separated nats:// URLs "
-        "with the bridge's account); --broker-url then names the cluster's MQTT listener for the "
-        "retained topics (default: the first NATS host, port 1883)",
+        "with the bridge's account); --broker-url then names the cluster's MQTT listeners for the "
+        "retained topics, comma-separated (default: the first NATS host, port 1883)",
     ),
     (
         "--partitions",
@@ -458,7 +458,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         lease=_positive(args.lease, "--lease"),
         mqtt_client=args.mqtt_client,
     )
-    settings.broker()  # validates the URL
+    if settings.nats_url and settings.broker_url:
+        from .worker import broker_addresses
+
+        broker_addresses(settings.broker_url)  # a worker's may list the cluster's MQTT listeners
+    else:
+        settings.broker()  # validates the URL
     check_database_url(settings.database_url)
     return settings
 
@@ -622,12 +627,12 @@ def serve(settings: Settings) -> int:
         raise ConfigError(
             "--password-file is for the embedded broker; an external broker has its own accounts"
         )
+    if settings.nats_url:  # a worker has its own health, metrics and HTTP server
+        from .worker import serve_worker
+
+        return asyncio.run(serve_worker(settings, is_transient))
     monitoring = Monitoring(settings)  # before anything else: a taken port fails fast
     try:
-        if settings.nats_url:
-            from .worker import serve_worker
-
-            return asyncio.run(serve_worker(settings, is_transient))
         if settings.broker_url:
             bridge = build_bridge(settings, metrics=monitoring.metrics, health=monitoring.health)
             settle_memory()

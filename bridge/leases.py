@@ -61,6 +61,7 @@ class Lease:
     partition: int
     epoch: int
     applied_seq: int
+    expired_owner: str | None = None  # taken over from this worker, whose lease had expired
 
 
 def _now(dialect: str) -> str:
@@ -204,6 +205,12 @@ class Leases:
     def acquire(self, partition: int) -> Lease | None:
         """Takes a partition whose lease is free or expired, with a new epoch; None if it is held."""
         with self._tx() as cur:
+            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+            cur.execute(
+                self._sql("SELECT owner FROM partition_leases WHERE partition = :?" + lock), (partition,)
+            )
+            row = cur.fetchone()
+            previous = row[0] if row else None
             cur.execute(
                 self._sql(
                     "UPDATE partition_leases SET owner = :?, epoch = epoch + 1, expires_ms = NOW_MS + :? "
@@ -218,7 +225,8 @@ class Leases:
                 (partition,),
             )
             epoch, applied = cur.fetchone()
-            return Lease(partition, int(epoch), int(applied))
+            expired = previous if previous and previous != self.worker_id else None
+            return Lease(partition, int(epoch), int(applied), expired)
 
     def renew(self, leases: list[Lease]) -> set[int]:
         """Extends these leases; returns the partitions that are no longer ours."""

@@ -46,10 +46,12 @@ import paho.mqtt.client as paho
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import Counter, Gauge
 
 from . import protocol as p
-from .config import BrokerAddress, Settings
+from .config import BrokerAddress, ConfigError, Settings, parse_listen
 from .leases import LEADER, Fenced, Lease, Leases, new_worker_id
+from .metrics import PREFIX, Health, Metrics, Probe, Summary, database_probe
 from .model import OutboxEntry
 from .natsconf import BRIDGE_ACCOUNT, Subjects, partition_of
 from .protocol import ID_PATTERN
@@ -66,6 +68,118 @@ BACKLOG = 2.0  # seconds
 # reached QoS 1 subscribers on one node, but not those of a cluster's other nodes.
 MQTT_QOS1 = {"Nmqtt-Pub": "1"}
 WILLS = "chat-wills"
+
+
+class WorkerMetrics(Metrics):
+    """The bridge's metrics (commands, events, database) and a worker's own: its partitions and
+    leases, what it applied, its backlog and its NATS connection."""
+
+    def __init__(self, worker_id: str = "") -> None:
+        super().__init__()
+        r = self.registry
+        self.info = Gauge(f"{PREFIX}_worker_info", "This worker's id (value 1).", ["worker"], registry=r)
+        if worker_id:
+            self.info.labels(worker_id).set(1)
+        self.applied = Counter(
+            f"{PREFIX}_worker_commands_applied",
+            "Commands this worker applied (committed), by partition of the command log.",
+            ["partition"],
+            registry=r,
+        )
+        self.partitions_owned = Gauge(
+            f"{PREFIX}_worker_partitions_owned", "Partitions whose lease this worker holds.", registry=r
+        )
+        self.leader = Gauge(
+            f"{PREFIX}_worker_leader", "1 while this worker holds the housekeeping lease.", registry=r
+        )
+        self.takeovers = Counter(
+            f"{PREFIX}_worker_lease_takeovers",
+            "Partition leases this worker acquired, each with a new epoch; previous: none (free, or "
+            "handed over on purpose) or expired (its owner died or stopped renewing).",
+            ["previous"],
+            registry=r,
+        )
+        self.leases_lost = Counter(
+            f"{PREFIX}_worker_leases_lost",
+            "Partition leases this worker found taken by another when renewing them.",
+            registry=r,
+        )
+        self.fenced = Counter(
+            f"{PREFIX}_worker_fenced",
+            "Batches refused at commit because another worker held the partition at a newer epoch.",
+            registry=r,
+        )
+        self.redeliveries_skipped = Counter(
+            f"{PREFIX}_worker_redeliveries_skipped",
+            "Commands delivered again at or below their partition's applied sequence (applied before, "
+            "acknowledgement lost): acknowledged, not applied again.",
+            registry=r,
+        )
+        self.backlog = Gauge(
+            f"{PREFIX}_worker_backlog",
+            "Commands in this worker's partitions that NATS still has to deliver to it.",
+            registry=r,
+        )
+        self.nats_connected = Gauge(
+            f"{PREFIX}_worker_nats_connected", "1 while the worker is connected to a NATS server.", registry=r
+        )
+        self.nats_reconnects = Counter(
+            f"{PREFIX}_worker_nats_reconnects",
+            "Times the worker connected to a NATS server again after losing its connection.",
+            registry=r,
+        )
+
+
+class WorkerHealth(Health):
+    """What a worker's `/healthz` says. Healthy while it is connected to NATS, to an MQTT listener
+    of the cluster (retained presence and status) and to the database, and has renewed its leases
+    within a lease period; the body adds its partitions, their lease epochs and its backlog."""
+
+    def __init__(self, metrics: WorkerMetrics, database: Callable[[], Probe], **kw: Any) -> None:
+        super().__init__(metrics, database, **kw)
+        self.worker_metrics = metrics
+        self.worker: Worker | None = None
+
+    def report(self) -> tuple[bool, dict[str, Any]]:
+        healthy, body = super().report()
+        mqtt = body.pop("broker")
+        problems = []
+        if not mqtt["connected"]:
+            problems.append(f"MQTT: {mqtt['error']}")
+        if not body["database"]["reachable"]:
+            problems.append(f"database: {body['database']['error']}")
+        w = self.worker
+        if w is None:
+            problems.append("the worker is starting")
+            body.update(status="unavailable", mqtt=mqtt, problems=problems)
+            return False, body
+        nats_url = w.nats_connected_url()
+        if nats_url is None:
+            problems.append(f"NATS: {w.nats_error or 'not connected'}")
+        renewed = w.renewed_ago()
+        if renewed is None or renewed > w.settings.lease:
+            problems.append("leases not renewed within a lease period" if renewed else "not joined yet")
+        owned = w.owned()
+        backlog = w.backlog()
+        self.worker_metrics.partitions_owned.set(len(owned))
+        healthy = not problems
+        body.update(
+            status="ok" if healthy else "unavailable",
+            epoch=w.epoch,
+            worker=w.worker_id,
+            nats={"url": nats_url, "connected": nats_url is not None, "error": w.nats_error},
+            mqtt=mqtt,
+            leases={
+                "partitions": len(owned),
+                "epochs": {str(q): e for q, e in sorted(owned.items())},
+                "leader": w.leading(),
+                "renewed_seconds_ago": None if renewed is None else round(renewed, 3),
+                "lease_seconds": w.settings.lease,
+            },
+            backlog={"commands": sum(backlog.values()), "outbox": body["outbox_backlog"]},
+            problems=problems,
+        )
+        return healthy, body
 
 
 def consumer_name(partition: int, epoch: int) -> str:
@@ -86,25 +200,70 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class RetainedPublisher:
-    """Retained events (presence, status) over an MQTT connection to the cluster's MQTT listener."""
+    """Retained events (presence, status) over an MQTT connection to the cluster's MQTT listeners:
+    to the first of `addresses`, and to the next one whenever the connection fails."""
 
-    def __init__(self, address: BrokerAddress, client_id: str, will: tuple[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        addresses: list[BrokerAddress],
+        client_id: str,
+        will: tuple[str, bytes] | None = None,
+        on_state: Callable[[bool, str | None], None] | None = None,
+    ) -> None:
+        self.addresses = addresses
+        self._at = 0
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
-        if address.username:
-            self.client.username_pw_set(address.username, address.password)
+        first = addresses[0]
+        if first.username:
+            self.client.username_pw_set(first.username, first.password)
         if will:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.reconnect_delay_set(1, 10)
         self._futures: dict[int, asyncio.Future[None]] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_state = on_state
         self.client.on_publish = self._on_publish
-        self.address = address
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
+
+    @property
+    def address(self) -> BrokerAddress:
+        return self.addresses[self._at]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.client.connect_async(self.address.host, self.address.port, keepalive=30)
         self.client.loop_start()
+
+    def _state(self, up: bool, error: str | None) -> None:
+        if self._on_state is not None:
+            self._on_state(up, error)
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._state(False, f"{self.address.host}:{self.address.port} refused the connection ({reason})")
+            self._next()
+        else:
+            self._state(True, None)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        self._state(False, f"connection to {self.address.host}:{self.address.port} lost ({reason})")
+        self._next()
+
+    def _on_connect_fail(self, _c: Any, _u: Any) -> None:
+        self._state(False, f"cannot connect to {self.address.host}:{self.address.port}")
+        self._next()
+
+    def _next(self) -> None:
+        """The next reconnection goes to the next address (the node may be gone for good)."""
+        if len(self.addresses) < 2:
+            return
+        self._at = (self._at + 1) % len(self.addresses)
+        with contextlib.suppress(RuntimeError, ValueError):  # (only while the connection is closed)
+            self.client.host = self.address.host
+            self.client.port = self.address.port
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._lock:
@@ -123,6 +282,7 @@ class RetainedPublisher:
     def stop(self, farewell: tuple[str, bytes] | None = None) -> None:
         if farewell and self.client.is_connected():
             self.client.publish(farewell[0], farewell[1], qos=1, retain=True).wait_for_publish(5)
+        self._on_state = None
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -151,10 +311,14 @@ class Worker:
         tick: float | None = None,
         batch_max: int = 256,
         is_transient: Callable[[BaseException], bool] = lambda exc: False,
+        metrics: WorkerMetrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self.settings = settings
         self.partition_count = settings.partitions
         self.worker_id = worker_id or new_worker_id()
+        self.metrics = metrics or WorkerMetrics(self.worker_id)
+        self.health = health
         self.leases = Leases(engine, self.worker_id, int(settings.lease * 1000))
         self.uow_factory = uow_factory
         self.service_factory = service_factory
@@ -180,6 +344,33 @@ class Worker:
         self._live: list[str] = []
         self._lost: set[int] = set()
         self._lost_leader = False
+        # read by /healthz from the HTTP server's threads (whole values replaced, never mutated there)
+        self.nats_error: str | None = "not connected yet"
+        self._renewed: float | None = None
+        self._backlog: dict[int, int] = {}
+
+    # --- state, for /healthz -------------------------------------------------------------------
+
+    def nats_connected_url(self) -> str | None:
+        nc = getattr(self, "nc", None)
+        if nc is None or not nc.is_connected or nc.connected_url is None:
+            return None
+        url = nc.connected_url
+        return f"nats://{url.hostname}:{url.port}"
+
+    def renewed_ago(self) -> float | None:
+        """Seconds since this worker last renewed its heartbeat and leases; None before it joined."""
+        return None if self._renewed is None else time.monotonic() - self._renewed
+
+    def owned(self) -> dict[int, int]:
+        """partition -> lease epoch, of the partitions this worker holds."""
+        return {q: part.lease.epoch for q, part in list(self._held.items())}
+
+    def backlog(self) -> dict[int, int]:
+        return dict(self._backlog)
+
+    def leading(self) -> bool:
+        return self._leader is not None
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -213,14 +404,9 @@ class Worker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        servers = [s.strip() for s in (self.settings.nats_url or "").split(",") if s.strip()]
-        self.nc = await nats.connect(
-            servers=servers,
-            name=f"chat-bridge:{self.worker_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            allow_reconnect=True,
-        )
+        await self._connect_nats()
+        if self._stop.is_set():
+            return
         self.js = self.nc.jetstream(timeout=10)
         self.epoch, since_ms, fresh = await self._retrying(lambda: self.leases.cluster_epoch(new_id("e")))
         self.since = p.iso_ms(int(since_ms))
@@ -231,9 +417,18 @@ class Worker:
             ", new" if fresh else "",
             self.partition_count,
         )
+        on_state = None
+        if self.health is not None:
+            health = self.health
+
+            def on_state(up: bool, error: str | None) -> None:
+                health.broker_up() if up else health.broker_down(error or "not connected")
+
+        self._retained = RetainedPublisher(
+            self._mqtt_addresses(), f"{BRIDGE_ACCOUNT}:{self.worker_id}", on_state=on_state
+        )
+        self._retained.start(loop)  # an MQTT connection: NATS creates its MQTT streams for the first one
         await self._ensure_streams()
-        self._retained = RetainedPublisher(self._mqtt_address(), f"{BRIDGE_ACCOUNT}:{self.worker_id}")
-        self._retained.start(loop)
         self._live = await self._retrying(self.leases.heartbeat, lease=True)
         keeper = asyncio.create_task(self._keep_alive())
         try:
@@ -256,6 +451,8 @@ class Worker:
         self._stop.set()
 
     async def _shutdown(self) -> None:
+        if getattr(self, "nc", None) is None:
+            return
         for part in list(self._held.values()):
             part.stopping = True
         tasks = [t for part in self._held.values() if (t := part.task) is not None]
@@ -273,11 +470,56 @@ class Worker:
         self._lease_db.shutdown(wait=True)
         log.info("worker %s left the cluster", self.worker_id)
 
-    def _mqtt_address(self) -> BrokerAddress:
+    async def _connect_nats(self) -> None:
+        servers = [s.strip() for s in (self.settings.nats_url or "").split(",") if s.strip()]
+        metrics = self.metrics
+
+        async def disconnected() -> None:
+            self.nats_error = "connection lost; reconnecting"
+            metrics.nats_connected.set(0)
+            log.warning("worker %s lost its NATS connection; reconnecting", self.worker_id)
+
+        async def reconnected() -> None:
+            self.nats_error = None
+            metrics.nats_connected.set(1)
+            metrics.nats_reconnects.inc()
+            log.info("worker %s connected to NATS again (%s)", self.worker_id, self.nats_connected_url())
+
+        async def error(exc: Exception) -> None:
+            self.nats_error = f"{exc.__class__.__name__}: {exc}"
+
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                self.nc = await nats.connect(
+                    servers=servers,
+                    name=f"chat-bridge:{self.worker_id}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    allow_reconnect=True,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=error,
+                )
+                break
+            except Exception as exc:  # no server answers yet: keep trying, and say so
+                self.nats_error = f"{exc.__class__.__name__}: {exc}"
+                log.warning("no NATS server answers (%s); retrying in %.0fs", self.nats_error, delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+        else:
+            return
+        self.nats_error = None
+        metrics.nats_connected.set(1)
+
+    def _mqtt_addresses(self) -> list[BrokerAddress]:
+        """The cluster's MQTT listeners, from --broker-url (one URL or several, comma-separated);
+        without it, port 1883 of the first NATS host."""
         if self.settings.broker_url:
-            return BrokerAddress.from_url(self.settings.broker_url)
+            return broker_addresses(self.settings.broker_url)
         first = urlsplit((self.settings.nats_url or "").split(",")[0].strip())
-        return BrokerAddress(first.hostname or "127.0.0.1", 1883, first.username, first.password)
+        return [BrokerAddress(first.hostname or "127.0.0.1", 1883, first.username, first.password)]
 
     async def _ensure_streams(self) -> None:
         """Waits for NATS's MQTT stream and gives each partition a consumer, so that NATS keeps the
@@ -285,13 +527,22 @@ class Worker:
         while some consumer still has to take it)."""
         while True:
             try:
-                existing = {c.name for c in await self.js.consumers_info(STREAM)}
-                break
+                await self._add_missing_consumers()
+                return
             except Exception as exc:  # the stream appears with the first MQTT connection
-                log.info("waiting for NATS's MQTT stream (%s)", exc.__class__.__name__)
+                log.info(
+                    "waiting for NATS's MQTT stream (%s); NATS creates it for the first MQTT connection "
+                    "(this worker's own, to %s)",
+                    exc.__class__.__name__,
+                    self._retained.address,
+                )
                 await asyncio.sleep(1)
                 if self._stop.is_set():
                     return
+
+    async def _add_missing_consumers(self) -> None:
+        await self.js.stream_info(STREAM)
+        existing = {c.name for c in await self.js.consumers_info(STREAM)}
         for q in range(self.partition_count):
             if not any(name.startswith(f"chat-p{q}-e") for name in existing):
                 await self._add_consumer(q, 0, 0)
@@ -336,6 +587,8 @@ class Worker:
                 if self._leader is not None:
                     held.append(self._leader)
                 lost = await self._retrying(partial(self.leases.renew, held), lease=True) if held else set()
+                self._renewed = time.monotonic()
+                self.metrics.leases_lost.inc(len(lost))
                 for q in lost:
                     if q == LEADER:
                         log.warning("worker %s lost the housekeeping lease", self.worker_id)
@@ -375,16 +628,19 @@ class Worker:
         part = _Partition(lease, self._service(f"p{q}"))
         self._held[q] = part
         name = await self._add_consumer(q, lease.epoch, lease.applied_seq)
+        self.metrics.takeovers.labels("expired" if lease.expired_owner else "none").inc()
+        self.metrics.partitions_owned.set(len(self._held))
         for info in await self.js.consumers_info(STREAM):
             if info.name.startswith(f"chat-p{q}-e") and info.name != name:
                 with contextlib.suppress(Exception):
                     await self.js.delete_consumer(STREAM, info.name)
         log.info(
-            "worker %s took partition %d (epoch %d, from seq %d)",
+            "worker %s took partition %d (epoch %d, from seq %d%s)",
             self.worker_id,
             q,
             lease.epoch,
             lease.applied_seq + 1,
+            f", lease of {lease.expired_owner} expired" if lease.expired_owner else "",
         )
         part.task = asyncio.create_task(self._consume(part, name), name=f"partition-{q}")
 
@@ -392,6 +648,8 @@ class Worker:
         part = self._held.pop(q, None)
         if part is None:
             return
+        self._backlog = {k: v for k, v in self._backlog.items() if k != q}
+        self.metrics.partitions_owned.set(len(self._held))
         part.stopping = True
         if part.task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -417,6 +675,8 @@ class Worker:
             try:
                 msgs = await sub.fetch(self.batch_max, timeout=0.5)
             except (TimeoutError, NatsTimeout):
+                if self._backlog.get(q):
+                    self._backlog = {**self._backlog, q: 0}
                 await self._forget(part)
                 continue
             except Exception as exc:
@@ -429,6 +689,7 @@ class Worker:
             for m in msgs:
                 seq = m.metadata.sequence.stream
                 if seq <= applied:  # applied before a crash, acknowledgement lost
+                    self.metrics.redeliveries_skipped.inc()
                     await m.ack()
                     continue
                 parsed = self._parse(m.subject, q)
@@ -438,6 +699,8 @@ class Worker:
                     # away or behind, and applying the backlog is no flood (never rate-limited)
                     age = now - m.metadata.timestamp.timestamp() if m.metadata.timestamp else 0.0
                     items.append(Inbound(parsed[0], parsed[1], m.data, queued=age > BACKLOG))
+            if msgs:
+                self._backlog = {**self._backlog, q: msgs[-1].metadata.num_pending or 0}
             if not fresh:
                 continue
             first = fresh[0].metadata.sequence.stream
@@ -457,11 +720,13 @@ class Worker:
                         await m.ack()
                     await self._republish(part, lambda b: b.startswith(f"p{q}.b_"))
                     continue
+                self.metrics.fenced.inc()
                 log.warning("partition %d: fenced (another worker holds epoch %d); stopping", q, epoch)
                 part.stopping = True
                 break
             applied = last
             self.applied += len(items)
+            self.metrics.applied.labels(str(q)).inc(len(items))
             for m in fresh:
                 await m.ack()
             self._publish(part, batch)
@@ -510,6 +775,7 @@ class Worker:
 
     def _send(self, entry: OutboxEntry) -> asyncio.Future[Any]:
         topic = self.topics.of(entry.kind, entry.key)
+        self.metrics.events_published.labels(entry.kind).inc()
         if entry.retain:
             return self._retained.publish(topic, entry.payload)
         return asyncio.ensure_future(
@@ -542,8 +808,9 @@ class Worker:
         status = self.topics.status
         offline = orjson.dumps({"status": "offline", "epoch": self.epoch})
         self._status = RetainedPublisher(
-            self._mqtt_address(), f"{BRIDGE_ACCOUNT}:{self.worker_id}-status", will=(status, offline)
+            self._mqtt_addresses(), f"{BRIDGE_ACCOUNT}:{self.worker_id}-status", will=(status, offline)
         )
+        self.metrics.leader.set(1)
         self._status.start(asyncio.get_running_loop())
         online = p.BridgeStatus(status="online", epoch=self.epoch, since=self.since)
         await self._status.publish(status, online.model_dump_json().encode())
@@ -566,6 +833,7 @@ class Worker:
             lease = self._leader
             await self._retrying(lambda: self.leases.release(lease), lease=True)
         self._leader = None
+        self.metrics.leader.set(0)
 
     async def _route_wills(self) -> None:
         """Moves each last will into its user's partition: behind what the user published before."""
@@ -621,7 +889,24 @@ def _one_at_a_time(engine: Any) -> Any:
             conn.exec_driver_sql("SELECT pg_advisory_unlock(72616)")
 
 
-def build(settings: Settings) -> tuple[Callable[[], Any], Any, Callable[..., Service]]:
+def broker_addresses(url: str) -> list[BrokerAddress]:
+    """`--broker-url` of a worker: one MQTT URL or several, comma-separated (the cluster's nodes); a
+    URL without credentials takes those of the first that has them."""
+    addresses = [BrokerAddress.from_url(u.strip()) for u in url.split(",") if u.strip()]
+    if not addresses:
+        raise ConfigError(f"--broker-url names no MQTT listener: {url!r}")
+    named = next((a for a in addresses if a.username), None)
+    if named is not None:
+        addresses = [
+            a if a.username else BrokerAddress(a.host, a.port, named.username, named.password)
+            for a in addresses
+        ]
+    return addresses
+
+
+def build(
+    settings: Settings, metrics: Metrics | None = None
+) -> tuple[Callable[[], Any], Any, Callable[..., Service]]:
     """The storage and the service factory of a worker (PostgreSQL in production)."""
     from .cli import make_service
     from .service import wall_clock_ms
@@ -635,19 +920,55 @@ def build(settings: Settings) -> tuple[Callable[[], Any], Any, Callable[..., Ser
         Leases(engine, "").ensure(settings.partitions)
 
     def service(uow: Any, *, epoch: str, ids: Callable[[str], str]) -> Service:
-        return make_service(settings, uow, epoch=epoch, ids=ids)
+        return make_service(settings, uow, epoch=epoch, ids=ids, metrics=metrics)
 
     return (lambda: SqlUnitOfWork(engine)), engine, service
 
 
 async def serve_worker(settings: Settings, is_transient: Callable[[BaseException], bool]) -> int:
-    """`chat-bridge serve --nats-url ...`: one worker until SIGTERM/SIGINT."""
+    """`chat-bridge serve --nats-url ...`: one worker until SIGTERM/SIGINT, with its `/healthz` and
+    `/metrics` on `--http-listen`."""
     import signal
 
-    uow_factory, engine, service_factory = build(settings)
-    worker = Worker(settings, uow_factory, engine, service_factory=service_factory, is_transient=is_transient)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
+    from .http import HttpServer, HttpServerError
+
+    worker_id = new_worker_id()
+    metrics = WorkerMetrics(worker_id)
+    health = WorkerHealth(metrics, database_probe(settings.database_url))
+    http = None
+    if settings.http_listen:  # before anything else: a taken port fails fast
+        host, port = parse_listen(settings.http_listen, "--http-listen")
+        try:
+            http = HttpServer(host, port, health, metrics)
+        except HttpServerError as exc:
+            raise ConfigError(
+                f"--http-listen {settings.http_listen}: {exc}; choose another host:port or `off`"
+            ) from None
+    summary = Summary(metrics, settings.log_summary, lambda: health.probe_database().sessions_active)
+    try:
+        if http:
+            http.start()  # 503 "starting" until the worker has joined
+        uow_factory, engine, service_factory = build(settings, metrics)
+        worker = Worker(
+            settings,
+            uow_factory,
+            engine,
+            service_factory=service_factory,
+            worker_id=worker_id,
+            is_transient=is_transient,
+            metrics=metrics,
+            health=health,
+        )
+        health.worker = worker
+        health.epoch = ""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        summary.start()
+        await worker.run()
+    finally:
+        summary.stop()
+        if http:
+            http.stop()
+        health.close()
     return 0
