@@ -12,7 +12,8 @@ subprotocol `mqtt` (what MQTT.js and paho send). Both listeners go through the s
 password-guessing throttle (per peer address) and the topic rules are the same over both. amqtt waits
 for a connection's CONNECT without a limit; here a connection that has not sent one within
 `CONNECT_TIMEOUT` seconds (after a WebSocket handshake that itself must finish within
-`WS_OPEN_TIMEOUT`) is closed.
+`WS_OPEN_TIMEOUT`) is closed, and a client's packet over `MAX_PACKET` bytes (the shipped
+Mosquitto's `max_packet_size`) closes its connection before amqtt reads its body (`PacketLimit`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ from urllib.parse import urlsplit
 
 import orjson
 import websockets.asyncio.server
+from amqtt.adapters import (
+    ReaderAdapter,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+    WebSocketsReader,
+    WebSocketsWriter,
+)
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -57,6 +65,7 @@ WATCH_INTERVAL = 0.2
 WS_PATH = "/mqtt"  # the only path the WebSockets listener upgrades
 WS_OPEN_TIMEOUT = 10.0  # seconds for a WebSocket opening handshake
 CONNECT_TIMEOUT = 10.0  # seconds from accepting a connection (TCP or WebSocket) to its CONNECT
+MAX_PACKET = 131_072  # bytes of one MQTT packet from a client, as the shipped Mosquitto's max_packet_size
 # Repeated warnings (refused connections, full queues) are logged at most once a minute per key: a
 # crowd of misbehaving clients cannot flood the log.
 _LOG_LIMIT = OncePer(60_000)
@@ -127,6 +136,59 @@ def throttle_amqtt_logs() -> None:
             logger = logging.getLogger(name)
             if _THROTTLE not in logger.filters:
                 logger.addFilter(_THROTTLE)
+
+
+class PacketLimit(ReaderAdapter):  # type: ignore[misc]
+    """A connection's reader that follows MQTT's fixed headers as amqtt reads them: a packet larger
+    than `limit` bytes ends the connection once its header is read, before its body (amqtt alone
+    reads and keeps packets of up to 256 MB, over TCP and over WebSockets alike). `limit` None: none
+    (the bridge's own connection)."""
+
+    def __init__(self, inner: ReaderAdapter, limit: int | None, peer: str) -> None:
+        self.inner, self.limit, self.peer = inner, limit, peer
+        self.refused = False
+        self._header = -1  # -1: a packet's first byte next; else length bytes read so far
+        self._length = 0
+        self._body = 0  # bytes of the current packet's body still to come
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.refused:
+            raise NoDataError("packet too large")
+        data: bytes = await self.inner.read(n)
+        self._follow(data)
+        return data
+
+    def _follow(self, data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            if self._body:
+                step = min(self._body, len(data) - i)
+                self._body -= step
+                i += step
+                continue
+            byte = data[i]
+            i += 1
+            if self._header < 0:
+                self._header, self._length = 0, 0
+                continue
+            self._length += (byte & 0x7F) << (7 * self._header)
+            self._header += 1
+            if byte & 0x80 and self._header < 4:
+                continue
+            size, self._body, self._header = 1 + self._header + self._length, self._length, -1
+            if self.limit is not None and size > self.limit:
+                self.refused = True
+                if _LOG_LIMIT.due(f"packet {self.peer}", _now_ms()):
+                    log.warning(
+                        "closed a connection from %s: a packet of %d bytes (the limit is %d)",
+                        self.peer,
+                        size,
+                        self.limit,
+                    )
+                raise NoDataError("packet too large")
+
+    def feed_eof(self) -> None:
+        self.inner.feed_eof()
 
 
 class BrokerStartError(Exception):
@@ -343,6 +405,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         self._admitted: dict[int, Any] = {}  # id -> session, between admission and amqtt's auth call
         self._account_task: asyncio.Task[None] | None = None
         self.connect_timeout = CONNECT_TIMEOUT
+        self.max_packet: int | None = MAX_PACKET
 
     async def start(self) -> None:
         await super().start()
@@ -409,6 +472,24 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                     )
 
     # -- listeners ---------------------------------------------------------------------------
+
+    def _limited(self, reader: ReaderAdapter, writer: Any) -> PacketLimit:
+        peer = writer.get_peer_info() or ("?", 0)
+        return PacketLimit(reader, self.max_packet, str(peer[0]))
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        adapter = StreamWriterAdapter(writer)
+        await self._client_connected(
+            listener_name, self._limited(StreamReaderAdapter(reader), adapter), adapter
+        )
+
+    async def ws_connected(self, websocket: Any, listener_name: str) -> None:
+        adapter = WebSocketsWriter(websocket)
+        await self._client_connected(
+            listener_name, self._limited(WebSocketsReader(websocket), adapter), adapter
+        )
 
     async def _create_server_instance(
         self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
@@ -488,11 +569,13 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             await writer.close()
             raise AMQTTError(f"no CONNECT within {self.connect_timeout:g} s") from None
         except AMQTTError as exc:
+            await writer.close()
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
             await writer.close()
             raise MQTTError(exc) from exc
-        except NoDataError as exc:
+        except NoDataError as exc:  # (amqtt left such a connection open: a CONNECT too large, say)
+            await writer.close()
             raise AMQTTError(exc) from exc
         try:
             self._check(incoming, (writer.get_peer_info() or ("?", 0))[0])
@@ -504,6 +587,8 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             await ConnackPacket.build(0, refused.code).to_stream(writer)
             await writer.close()
             raise MQTTError(str(refused)) from None
+        if isinstance(reader, PacketLimit) and (incoming.username or "") == BRIDGE_ACCOUNT:
+            reader.limit = None  # its events are bounded by --max-event-size, which may be larger
         if existing is not None and existing[0].transitions.is_connected():
             await self._take_over(*existing)
         # From here on as amqtt does it, for a CONNECT we admitted.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -185,6 +186,29 @@ def test_an_oversized_command_over_websockets_is_refused_as_over_tcp(tmp_path: P
         assert over_ws.request("get-active-users")["type"] == "active-users"
         over_ws.stop()
         over_tcp.stop()
+
+
+@pytest.mark.parametrize("transport", ["websockets", "tcp"])
+def test_a_packet_over_the_limit_closes_its_connection_over_both_listeners(
+    tmp_path: Path, transport: str
+) -> None:
+    """As the shipped Mosquitto (max_packet_size 128 KiB): the sender's connection is closed, its will
+    fires, nobody else notices. amqtt alone read and kept packets of up to 256 MB."""
+    with embedded(tmp_path) as broker:
+        bob = tcp_user("bob", broker)
+        bob.connect_chat()
+        alice = (ws_user if transport == "websockets" else tcp_user)("alice", broker)
+        alice.connect_chat()
+        lost = threading.Event()
+        alice.client.on_disconnect = lambda *_a: lost.set()
+        alice.client.reconnect_delay_set(30, 60)
+        alice.client.publish(alice.topic("send-message"), b"x" * 200_000, qos=1)
+        gone = bob.wait_for(lambda e: e["type"] == "user-disconnected", timeout=15)
+        assert gone["data"] == {"user_id": "alice"}
+        assert lost.wait(15)  # the broker closed alice's connection
+        bob.request("send-message", conversation_id="global", body="unharmed")
+        alice.client.loop_stop()
+        bob.stop()
 
 
 def http_exchange(port: int, request: bytes) -> bytes:
