@@ -333,6 +333,7 @@ class Worker:
         # heartbeats must not wait behind a batch that waits for a lock
         self._lease_db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="worker-leases")
         self._held: dict[int, _Partition] = {}
+        self._taking: dict[int, Lease] = {}  # acquired, consumer being created
         self._leader: Lease | None = None
         self._leader_tasks: list[asyncio.Task[None]] = []
         self._status: RetainedPublisher | None = None
@@ -583,7 +584,7 @@ class Worker:
         while True:
             try:
                 self._live = await self._retrying(self.leases.heartbeat, lease=True)
-                held = [part.lease for part in self._held.values()]
+                held = [part.lease for part in self._held.values()] + list(self._taking.values())
                 if self._leader is not None:
                     held.append(self._leader)
                 lost = await self._retrying(partial(self.leases.renew, held), lease=True) if held else set()
@@ -615,7 +616,14 @@ class Worker:
         for q in sorted(mine - set(self._held)):
             lease = await self._retrying(lambda q=q: self.leases.acquire(q), lease=True)  # type: ignore[misc]
             if lease is not None:
-                await self._take(lease)
+                self._taking[q] = lease  # renewed from now on
+        # consumers created together: one after the other took seconds each with a node down
+        taking = list(self._taking.values())
+        results = await asyncio.gather(*(self._take(lease) for lease in taking), return_exceptions=True)
+        for lease, result in zip(taking, results, strict=True):
+            self._taking.pop(lease.partition, None)
+            if isinstance(result, BaseException):
+                log.warning("partition %d not taken (%r); trying again", lease.partition, result)
         if self._leader is None and live and live[0] == self.worker_id:
             lease = await self._retrying(lambda: self.leases.acquire(LEADER), lease=True)
             if lease is not None:
@@ -636,13 +644,11 @@ class Worker:
         self._held[q] = part
         self.metrics.takeovers.labels("expired" if lease.expired_owner else "none").inc()
         self.metrics.partitions_owned.set(len(self._held))
-        try:
-            for info in await self.js.consumers_info(STREAM):
-                if info.name.startswith(f"chat-p{q}-e") and info.name != name:
-                    with contextlib.suppress(Exception):
-                        await self.js.delete_consumer(STREAM, info.name)
-        except Exception as exc:  # an old consumer stays until the partition's next takeover
-            log.warning("partition %d: old consumers not deleted (%r)", q, exc)
+        # The consumers of earlier epochs (the last few: an epoch whose owner died before creating
+        # its consumer has none), by name: listing all consumers waited seconds for a dead node.
+        for old in range(lease.epoch - 1, max(-1, lease.epoch - 5), -1):
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(STREAM, consumer_name(q, old))
         log.info(
             "worker %s took partition %d (epoch %d, from seq %d%s)",
             self.worker_id,

@@ -279,8 +279,27 @@ class ChatSession:
         if not self._closed:  # paho reconnects by itself; tell the application meanwhile
             self.deliver(Event("connection-lost", {"reason": str(reason)}))
 
-    def _on_subscribe(self, *_: Any) -> None:
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: Any, reasons: Any = (), _props: Any = None) -> None:
+        if any(getattr(r, "is_failure", False) for r in reasons or ()):
+            # refused (a NATS node that lost a peer could not create the subscription's consumer):
+            # without the inbox no answer would ever arrive, so ask again, not `connect`
+            self._subscribe_retry = min(getattr(self, "_subscribe_retry", 0.25) * 2, 5.0)
+            log.warning(
+                "%s: the broker refused a subscription (%s); again in %.1fs",
+                self.client_id,
+                ", ".join(str(r) for r in reasons),
+                self._subscribe_retry,
+            )
+            timer = threading.Timer(self._subscribe_retry, self._resubscribe)
+            timer.daemon = True
+            timer.start()
+            return
+        self._subscribe_retry = 0.25
         self._announce()
+
+    def _resubscribe(self) -> None:
+        if not self._closed:  # (disconnected meanwhile: paho refuses it; on_connect subscribes anyway)
+            self.mqtt.subscribe([(self.inbox_topic, 1), (self.status_topic, 1)])
 
     def _announce(self) -> None:
         _rid, future = self.request(commands.connect(self.session_id, self.options.display_name))

@@ -42,6 +42,7 @@ class FakeMqtt:
         self.credentials: tuple[str | None, str | None] | None = None
         self.tls: object = None
         self.connected = False
+        self.subscribed = True
         self.on_pre_connect: Any = None
         self.on_connect: Any = None
         self.on_disconnect: Any = None
@@ -76,7 +77,12 @@ class FakeMqtt:
 
     def subscribe(self, topic: Any, qos: int = 0) -> None:
         self.subscriptions.append(topic)
-        self.on_subscribe(self, None, 1, [], None)
+        refused = self.bridge.refuse_subscriptions > 0
+        self.bridge.refuse_subscriptions -= 1 if refused else 0
+        self.subscribed = not refused  # refused: nothing reaches the inbox
+        self.on_subscribe(
+            self, None, 1, [Reason(refused, "Unspecified error" if refused else "Granted QoS 1")], None
+        )
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Info:
         assert qos == 1
@@ -121,12 +127,15 @@ class FakeBridge:
         self.answer = answer
         self.conversations: list[dict[str, Any]] = []
         self.broker_up = True
+        self.refuse_subscriptions = 0  # the next subscribes the broker refuses
         self.lock = threading.Lock()
 
     def factory(self, client_id: str, clean_session: bool) -> FakeMqtt:
         return FakeMqtt(client_id, clean_session, self)
 
     def handle(self, client: FakeMqtt, command: str, fields: dict[str, Any]) -> None:
+        if not client.subscribed:
+            return  # applied, but its answer never reaches an inbox nobody subscribed to
         user = client.client_id.split(":")[0]
         if command == "connect":
             events: list[dict[str, Any]] | None = [

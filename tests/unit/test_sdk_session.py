@@ -375,3 +375,14 @@ def test_paged_lists_are_followed_to_the_end() -> None:
     assert client.cursors["c4"].seq == 4
     assert [c["conversation_id"] for c in client.get_conversations()] == [f"c{n}" for n in range(5)]
     assert [u["user_id"] for u in client.get_active_users()] == ["a", "b", "c"]
+
+
+def test_a_refused_subscription_is_asked_for_again_before_connect() -> None:
+    """A NATS node that lost a peer refused the inbox subscription (SUBACK failure): `connect` then
+    went out with nobody to receive its answer, and the client waited for ever."""
+    bridge = FakeBridge()
+    bridge.refuse_subscriptions = 2
+    client, mqtt = started(bridge)
+    assert len(mqtt.subscriptions) == 3 and mqtt.subscribed
+    assert len(mqtt.commands("connect")) == 1  # only once the inbox was granted
+    client.close()
