@@ -153,6 +153,9 @@ class WorkerHealth(Health):
             problems.append("the worker is starting")
             body.update(status="unavailable", mqtt=mqtt, problems=problems)
             return False, body
+        retained = getattr(w, "_retained", None)
+        if retained is not None:
+            mqtt["url"] = str(retained.address)
         nats_url = w.nats_connected_url()
         if nats_url is None:
             problems.append(f"NATS: {w.nats_error or 'not connected'}")

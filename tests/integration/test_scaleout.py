@@ -436,6 +436,7 @@ def test_a_workers_healthz_follows_its_nats_server_and_metrics_show_its_partitio
         u0.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
         up = wait_health(port, lambda status, r: status == 200 and r["leases"]["partitions"] == PARTITIONS)
         assert up["nats"]["connected"] and up["mqtt"]["connected"] and up["database"]["reachable"]
+        assert up["mqtt"]["url"] == f"mqtt://chat-bridge@127.0.0.1:{cluster1.nodes[0].mqtt_port}"
         assert up["leases"]["leader"] and len(up["leases"]["epochs"]) == PARTITIONS
         assert up["problems"] == [] and up["backlog"]["commands"] == 0
         assert u0.connect_chat()["type"] == "connected"
