@@ -23,6 +23,7 @@ import concurrent.futures
 import errno
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
 import socket
@@ -395,9 +396,11 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         bridge_secret: str,
         accounts: Accounts | None = None,
         caps: Caps = Caps(),
+        ws_origins: tuple[str, ...] = (),
     ) -> None:
         super().__init__(config)
         self.topics = topics
+        self.ws_origins = ws_origins
         self.accounts = accounts
         self.caps = caps
         self.failed_logins = FailedLogins()
@@ -506,7 +509,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             port,
             ssl=ssl_context,
             subprotocols=[websockets.Subprotocol("mqtt")],
-            process_request=_only_mqtt_path,
+            process_request=partial(_admit_handshake, allowed=self.ws_origins),
             open_timeout=WS_OPEN_TIMEOUT,
             server_header="chat-bridge",
             logger=WS_LOG,
@@ -743,11 +746,49 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             await asyncio.wait(sends)
 
 
-def _only_mqtt_path(connection: Any, request: Any) -> Any:
-    """Refuses, before the upgrade, a WebSocket handshake for any path but `/mqtt`."""
-    if urlsplit(request.path).path == WS_PATH:
-        return None
-    return connection.respond(HTTPStatus.NOT_FOUND, f"MQTT over WebSockets is at {WS_PATH}\n")
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...] = ()) -> bool:
+    """Whether a WebSocket handshake with this `Origin` (and `Host`) header may go on.
+
+    No `Origin`: not a browser (paho, MQTT.js in Node, tools), which proves who it is with its
+    CONNECT. From a browser page, the origin must be one the operator allowed (`--ws-origins`, `*`
+    for any), or a page of the same host as the listener when that host is `localhost` or an IP
+    address (the browser client served by `--http-listen`). Anything else is a page of some other
+    site in the user's browser: without accounts it could act as any user, and a host name (unlike
+    an address) can be pointed at 127.0.0.1 by its owner (DNS rebinding)."""
+    if origin is None:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    if "*" in allowed or origin in allowed:
+        return True
+    try:
+        page = urlsplit(origin).hostname
+        ours = urlsplit(f"//{host}").hostname if host else None
+    except ValueError:
+        return False
+    if page is None or page != ours:
+        return False
+    if page == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(page)
+    except ValueError:
+        return False
+    return True
+
+
+def _admit_handshake(connection: Any, request: Any, *, allowed: tuple[str, ...] = ()) -> Any:
+    """Refuses, before the upgrade, a WebSocket handshake for any path but `/mqtt` (404) and one
+    from a browser page of an origin that is not allowed (403, see `origin_allowed`)."""
+    if urlsplit(request.path).path != WS_PATH:
+        return connection.respond(HTTPStatus.NOT_FOUND, f"MQTT over WebSockets is at {WS_PATH}\n")
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin, request.headers.get("Host"), allowed):
+        return connection.respond(
+            HTTPStatus.FORBIDDEN,
+            f"pages of {origin} may not use this broker; its operator can allow them with "
+            f"`chat-bridge serve --ws-origins {origin}`\n",
+        )
+    return None
 
 
 class InProcessPublisher:
@@ -863,6 +904,7 @@ async def start_broker(
     caps: Caps = Caps(),
     topic_rules: bool = True,
     ws_listen: tuple[str, int] | None = None,
+    ws_origins: tuple[str, ...] = (),
 ) -> EmbeddedBroker:
     """Starts amqtt in the running event loop (it must be built inside one).
 
@@ -870,7 +912,8 @@ async def start_broker(
     `chat-bridge`, `chat-bridge:<worker>`) needs `security.internal_secret`. Without, anybody may
     connect but the bridge's client ids still need `bridge_secret` (a random one if not given).
     `topic_rules=False` lets anybody publish and read anything (tests of MQTT clients only).
-    `ws_listen` (host, port): also serve MQTT over WebSockets there, at `/mqtt`."""
+    `ws_listen` (host, port): also serve MQTT over WebSockets there, at `/mqtt`, to browser pages of
+    the `ws_origins` (besides same-host pages of localhost or an IP address; see `origin_allowed`)."""
     check_port_free(host, port)
     if ws_listen is not None:
         check_port_free(*ws_listen, option="--ws-listen")
@@ -893,6 +936,7 @@ async def start_broker(
         bridge_secret=bridge_secret or secrets.token_urlsafe(32),
         accounts=accounts,
         caps=caps,
+        ws_origins=ws_origins,
     )
     try:
         await broker.start()

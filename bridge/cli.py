@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 from sqlalchemy.engine import Engine
@@ -128,6 +129,14 @@ OPTIONS = (
         "CHAT_BRIDGE_WS_LISTEN",
         DEFAULT_WS_LISTEN,
         "embedded broker only: host:port where it also serves MQTT over WebSockets (path /mqtt); off: none",
+    ),
+    (
+        "--ws-origins",
+        "CHAT_BRIDGE_WS_ORIGINS",
+        "",
+        "embedded broker only: comma-separated origins of web pages that may use MQTT over WebSockets "
+        "(e.g. https://chat.example.com; *: any); pages of the listener's own host are allowed when "
+        "it is localhost or an IP address",
     ),
     (
         "--http-listen",
@@ -406,6 +415,27 @@ def ws_listen_from(args: argparse.Namespace, http_listen: str | None) -> str | N
     return value
 
 
+def ws_origins_from(value: str) -> tuple[str, ...]:
+    """`--ws-origins` checked: `*`, or origins such as `https://chat.example.com` (no path)."""
+    origins = []
+    for item in (part.strip().lower().rstrip("/") for part in str(value).split(",")):
+        if not item:
+            continue
+        if item != "*":
+            try:
+                parts = urlsplit(item)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.path
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                ok = False
+            if not ok or parts.query or parts.fragment:
+                raise ConfigError(
+                    f"--ws-origins takes origins such as https://chat.example.com or *, not {item!r}"
+                )
+        origins.append(item)
+    return tuple(origins)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     parse_listen(args.listen)
     try:
@@ -452,6 +482,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_event=max_event,
         http_listen=http_listen,
         ws_listen=ws_listen,
+        ws_origins=ws_origins_from(args.ws_origins),
         log_summary=summary,
         nats_url=args.nats_url or None,
         partitions=_partitions(args.partitions),
@@ -672,6 +703,7 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         guard=guard,
         bridge_secret=secret,
         ws_listen=ws,
+        ws_origins=settings.ws_origins,
     )
     # Commands still come over MQTT (an ordinary subscription, acknowledged after commit); events go
     # straight into the broker.

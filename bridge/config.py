@@ -84,6 +84,7 @@ class Settings:
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
     http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off
     ws_listen: str | None = DEFAULT_WS_LISTEN  # embedded broker: host:port of MQTT over WebSockets; None: off
+    ws_origins: tuple[str, ...] = ()  # web page origins also allowed to use it ("*": any)
     log_summary: float = 60.0  # seconds between throughput lines in the log; 0: none
     probe_interval: float = 15.0  # seconds between the bridge's probes of its own command subscription
     probe_timeout: float = 5.0  # a probe not back by then: subscribe again, then reconnect

@@ -439,3 +439,67 @@ def test_the_sdk_refuses_an_unknown_transport() -> None:
 
     with pytest.raises(ValueError, match="transport is 'tcp' or 'websockets'"):
         Client("alice", transport="websocket")
+
+
+def handshake(port: int, headers: dict[str, str]) -> bytes:
+    """The status line the WebSockets listener answers a `/mqtt` handshake with these headers."""
+    lines = [
+        "GET /mqtt HTTP/1.1",
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Protocol: mqtt",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = b""
+        while b"\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+        return answer.split(b"\r\n")[0]
+
+
+def test_pages_of_other_sites_cannot_use_the_websockets_listener(tmp_path: Path) -> None:
+    """Without accounts, a page of any site open in the developer's browser could otherwise connect
+    to ws://127.0.0.1:9001/mqtt and act as any user (a browser sends its page's Origin)."""
+    with embedded(tmp_path, accounts=False) as broker:
+        port = broker.ws_port
+        here = f"127.0.0.1:{port}"
+        for origin, host in (
+            ("https://evil.example", here),
+            ("http://evil.example:8080", "evil.example:" + str(port)),  # a rebound name
+            ("null", here),  # a sandboxed frame or a file:// page
+            ("http://127.0.0.2:8080", here),
+        ):
+            assert handshake(port, {"Host": host, "Origin": origin}).startswith(b"HTTP/1.1 403 "), origin
+        for headers in (
+            {"Host": here},  # no Origin: not a browser
+            {"Host": here, "Origin": "http://127.0.0.1:8080"},  # the browser client of --http-listen
+            {"Host": f"localhost:{port}", "Origin": "http://localhost:8080"},
+        ):
+            assert handshake(port, headers).startswith(b"HTTP/1.1 101 "), headers
+        # a refused page got nothing, and an allowed client still chats
+        alice = ws_user("alice", broker)
+        alice.connect_chat()
+        alice.stop()
+
+
+def test_ws_origins_allows_the_pages_the_operator_names(tmp_path: Path) -> None:
+    from bridge.cli import parse_args, settings_from
+    from bridge.config import ConfigError
+
+    broker = Broker(None, ws_origins=("https://chat.example.com",)).start()
+    try:
+        good = {"Host": "chat.example.com:9001", "Origin": "https://chat.example.com"}
+        assert handshake(broker.ws_port, good).startswith(b"HTTP/1.1 101 ")
+        bad = {"Host": "chat.example.com:9001", "Origin": "https://chat.example.com.evil.example"}
+        assert handshake(broker.ws_port, bad).startswith(b"HTTP/1.1 403 ")
+    finally:
+        broker.stop()
+    settings = settings_from(parse_args(["serve", "--ws-origins", " https://Chat.example.com/ ,http://a:8080"]))
+    assert settings.ws_origins == ("https://chat.example.com", "http://a:8080")
+    assert settings_from(parse_args(["serve", "--ws-origins", "*"])).ws_origins == ("*",)
+    for value in ("chat.example.com", "ftp://a", "https://a/path", "https://a:99999"):
+        with pytest.raises(ConfigError, match="--ws-origins takes origins"):
+            settings_from(parse_args(["serve", "--ws-origins", value]))
