@@ -38,11 +38,11 @@ from urllib.parse import urlsplit
 
 import orjson
 import websockets.asyncio.server
+from websockets.exceptions import ConnectionClosed
 from amqtt.adapters import (
     ReaderAdapter,
     StreamReaderAdapter,
     StreamWriterAdapter,
-    WebSocketsReader,
     WebSocketsWriter,
 )
 from amqtt.broker import Broker
@@ -137,6 +137,38 @@ def throttle_amqtt_logs() -> None:
             logger = logging.getLogger(name)
             if _THROTTLE not in logger.filters:
                 logger.addFilter(_THROTTLE)
+
+
+class WebSocketReader(ReaderAdapter):  # type: ignore[misc]
+    """Reads a WebSocket's binary messages as one byte stream, and returns what is left (b"" at the
+    end) once the connection is closed, as a TCP stream does.
+
+    amqtt's own `WebSocketsReader` keeps the last message it received and, once the connection is
+    closed, appends it again and again while it lacks bytes: an empty message followed by a close
+    made it spin for ever without yielding to the event loop (the whole broker and the bridge stood
+    still), and a short one was replayed as the next packet's bytes."""
+
+    def __init__(self, websocket: Any) -> None:
+        self._websocket = websocket
+        self._buffer = bytearray()
+        self._closed = False
+
+    async def read(self, n: int = -1) -> bytes:
+        wanted = max(n, 1)
+        while len(self._buffer) < wanted and not self._closed:
+            try:
+                message = await self._websocket.recv()
+            except ConnectionClosed:
+                self._closed = True
+                break
+            self._buffer += message.encode() if isinstance(message, str) else message
+        size = len(self._buffer) if n < 0 else n
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def feed_eof(self) -> None:
+        self._closed = True
 
 
 class PacketLimit(ReaderAdapter):  # type: ignore[misc]
@@ -491,7 +523,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter = WebSocketsWriter(websocket)
         await self._client_connected(
-            listener_name, self._limited(WebSocketsReader(websocket), adapter), adapter
+            listener_name, self._limited(WebSocketReader(websocket), adapter), adapter
         )
 
     async def _create_server_instance(

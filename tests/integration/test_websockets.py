@@ -503,3 +503,48 @@ def test_ws_origins_allows_the_pages_the_operator_names(tmp_path: Path) -> None:
     for value in ("chat.example.com", "ftp://a", "https://a/path", "https://a:99999"):
         with pytest.raises(ConfigError, match="--ws-origins takes origins"):
             settings_from(parse_args(["serve", "--ws-origins", value]))
+
+
+def test_an_empty_websocket_message_then_a_close_stops_nobody(tmp_path: Path) -> None:
+    """amqtt's reader spun for ever on a closed connection whose last message was empty: the broker
+    and the bridge (same event loop) stood still, and no CONNECT got its CONNACK."""
+    with embedded(tmp_path) as broker:
+        url = f"ws://127.0.0.1:{broker.ws_port}/mqtt"
+        for message in (b"", "", b"\x10"):  # empty binary, empty text, a packet's first byte only
+            with websockets.sync.client.connect(url, subprotocols=["mqtt"], open_timeout=10) as ws:
+                ws.send(message)
+        alice = tcp_user("alice", broker)
+        bob = ws_user("bob", broker)
+        alice.connect_chat()
+        bob.connect_chat()
+        round_trip(alice)
+        round_trip(bob)
+        alice.stop()
+        bob.stop()
+
+
+def test_the_websocket_reader_returns_what_is_left_once_closed() -> None:
+    import asyncio
+
+    from bridge.broker import WebSocketReader
+
+    class Socket:
+        def __init__(self, messages: list[bytes | str]) -> None:
+            self.messages = messages
+            self.calls = 0
+
+        async def recv(self) -> bytes | str:
+            self.calls += 1
+            if not self.messages:
+                raise websockets.ConnectionClosed(None, None)
+            return self.messages.pop(0)
+
+    async def main() -> None:
+        sock = Socket([b"ab", b"", "c"])
+        reader = WebSocketReader(sock)
+        assert await reader.read(1) == b"a"
+        assert await reader.read(5) == b"bc"  # the rest, once closed; nothing replayed
+        assert await reader.read(1) == b""
+        assert sock.calls == 4  # not asked again after the close
+
+    asyncio.run(asyncio.wait_for(main(), 5))
