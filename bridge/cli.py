@@ -580,7 +580,7 @@ def build_bridge(
     return Bridge(pipeline)
 
 
-async def run_until_signalled(bridge: Bridge) -> None:
+async def run_until_signalled(bridge: Bridge, health: Health | None = None) -> None:
     """Runs the bridge until SIGTERM or SIGINT, then stops it gracefully."""
     loop = asyncio.get_running_loop()
 
@@ -590,11 +590,21 @@ async def run_until_signalled(bridge: Bridge) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    beats = loop.create_task(heartbeat(health)) if health is not None else None
     try:
         await bridge.run()
     finally:
+        if beats is not None:
+            beats.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def heartbeat(health: Health, every: float = 1.0) -> None:
+    """Tells `health` every second that the event loop still runs its tasks."""
+    while True:
+        health.loop_beat()
+        await asyncio.sleep(every)
 
 
 def redacted(url: str) -> str:
@@ -671,7 +681,7 @@ def serve(settings: Settings) -> int:
             log.info(
                 "using the broker at %s; database %s", settings.broker(), redacted(settings.database_url)
             )
-            asyncio.run(run_until_signalled(bridge))
+            asyncio.run(run_until_signalled(bridge, monitoring.health))
             return 0
         return asyncio.run(serve_embedded(settings, monitoring))
     finally:
@@ -730,7 +740,7 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         else "no accounts: anybody may send commands, only the bridge publishes events",
         redacted(settings.database_url),
     )
-    await run_until_signalled(bridge)  # on the broker's event loop
+    await run_until_signalled(bridge, monitoring.health)  # on the broker's event loop
     await broker.announce_offline(
         Topics(settings.topic_prefix).status, bridge.service.epoch, iso_ms(bridge.service.clock())
     )

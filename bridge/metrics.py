@@ -253,6 +253,8 @@ class Health:
         self._running: concurrent.futures.Future[Probe] | None = None
         self._last: Probe | None = None
         self._last_at = 0.0
+        self._beat: float | None = None  # when the bridge's event loop last ran its heartbeat
+        self.loop_stall = 5.0  # seconds without a heartbeat: the loop is stuck, the bridge unhealthy
 
     # --- reported by the runtime ---------------------------------------------
 
@@ -268,6 +270,13 @@ class Health:
         with self._lock:
             self._connected, self._broker_error = False, error
         self.metrics.broker_connected.set(0)
+
+    def loop_beat(self) -> None:
+        """Called every second from the bridge's event loop (which also runs the embedded broker):
+        a loop that stops running its tasks (a busy loop in a library, a blocking call) stops the
+        beats, and /healthz says so instead of reporting a connection that nothing serves."""
+        with self._lock:
+            self._beat = self.clock()
 
     # --- asked by the HTTP server ----------------------------------------------
 
@@ -293,6 +302,10 @@ class Health:
         db = self.probe_database()
         with self._lock:
             connected, broker_error = self._connected, self._broker_error
+            stalled = None if self._beat is None else self.clock() - self._beat
+        if stalled is not None and stalled > self.loop_stall:
+            connected = False
+            broker_error = f"the bridge's event loop has not run for {stalled:.0f}s"
         self.metrics.database_up.set(1 if db.reachable else 0)
         if db.outbox is not None:
             self.metrics.outbox_size.set(db.outbox)

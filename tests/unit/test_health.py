@@ -62,3 +62,40 @@ def test_the_sqlite_probe_reports_a_missing_file_and_never_creates_it(tmp_path: 
     result = probe()
     assert not result.reachable and str(path) in (result.error or "")
     assert not path.exists()
+
+
+def test_an_event_loop_that_stopped_running_its_tasks_is_unhealthy() -> None:
+    """The embedded broker and the bridge share one event loop: when a library spins in it, the
+    connection still looks up, but nothing is served."""
+    now = [100.0]
+    health = Health(Metrics(), lambda: Probe(True, None, 0, 0), min_interval=0, clock=lambda: now[0])
+    health.broker_up()
+    assert health.report()[0] is True  # no heartbeat yet (the loop is starting): the state decides
+    health.loop_beat()
+    now[0] += 4
+    assert health.report()[0] is True
+    now[0] += 3
+    healthy, body = health.report()
+    assert not healthy and body["broker"]["error"] == "the bridge's event loop has not run for 7s"
+    health.loop_beat()
+    assert health.report()[0] is True
+
+
+def test_serve_beats_the_heartbeat_on_its_event_loop() -> None:
+    import asyncio
+
+    from bridge.cli import heartbeat
+
+    beats = threading.Event()
+
+    class Seen(Health):
+        def loop_beat(self) -> None:
+            beats.set()
+
+    async def main() -> None:
+        task = asyncio.create_task(heartbeat(Seen(Metrics(), lambda: Probe(True, None)), every=0.01))
+        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, beats.wait, 5), 5)
+        task.cancel()
+
+    asyncio.run(main())
+    assert beats.is_set()
