@@ -373,25 +373,62 @@ class Caps:
 
 
 class FailedLogins:
-    """Wrong passwords per address, as the Mosquitto plugin counts them: `burst` are checked, then one
-    more every `every_ms`; beyond that a CONNECT from the address is refused without checking (the
-    right password too), so guessing costs the broker no hashing and the bridge no time."""
+    """Wrong passwords, counted per address and account and per address alone: of each, `burst`
+    (`address_burst`) are checked, then one more every `every_ms` (`address_every_ms`); beyond that a
+    CONNECT is refused without checking (the right password too), so guessing costs the broker no
+    hashing and the bridge no time.
 
-    def __init__(self, burst: int = 10, every_ms: int = 6000, max_tracked: int = 100_000) -> None:
+    One user guessing from an address that others share (a reverse proxy, a NAT) locks out only the
+    accounts it guesses; and an account that logged in from the address before still gets its own
+    checks once the address as a whole is held back, so a flood of guesses over many names does not
+    lock out the address's known users."""
+
+    def __init__(
+        self,
+        burst: int = 10,
+        every_ms: int = 6000,
+        *,
+        address_burst: int = 100,
+        address_every_ms: int = 600,
+        max_tracked: int = 100_000,
+    ) -> None:
         self.burst, self.every_ms, self.max_tracked = float(burst), every_ms, max_tracked
+        self.address_burst, self.address_every_ms = float(address_burst), address_every_ms
         self._left: dict[str, tuple[float, int]] = {}  # address -> (checks left, when counted)
+        self._pairs: dict[tuple[str, str], tuple[float, int]] = {}  # (address, user) -> the same
+        self._known: dict[tuple[str, str], None] = {}  # (address, user) that logged in, oldest first
 
-    def _tokens(self, address: str, now_ms: int) -> float:
-        left, at = self._left.get(address, (self.burst, now_ms))
-        return min(self.burst, left + (now_ms - at) / self.every_ms)
+    @staticmethod
+    def _tokens(table: dict[Any, tuple[float, int]], key: Any, burst: float, every: int, now: int) -> float:
+        left, at = table.get(key, (burst, now))
+        return min(burst, left + (now - at) / every)
 
-    def allowed(self, address: str, now_ms: int) -> bool:
-        return self._tokens(address, now_ms) >= 1
+    def allowed(self, address: str, user: str, now_ms: int) -> bool:
+        pair = (address, user)
+        if self._tokens(self._pairs, pair, self.burst, self.every_ms, now_ms) < 1:
+            return False
+        return (
+            pair in self._known
+            or self._tokens(self._left, address, self.address_burst, self.address_every_ms, now_ms) >= 1
+        )
 
-    def failed(self, address: str, now_ms: int) -> None:
-        if address not in self._left and len(self._left) >= self.max_tracked:
-            self._left = {a: v for a, v in self._left.items() if self._tokens(a, now_ms) < self.burst}
-        self._left[address] = (max(0.0, self._tokens(address, now_ms) - 1), now_ms)
+    def failed(self, address: str, user: str, now_ms: int) -> None:
+        for table, key, burst, every in (
+            (self._left, address, self.address_burst, self.address_every_ms),
+            (self._pairs, (address, user), self.burst, self.every_ms),
+        ):
+            if key not in table and len(table) >= self.max_tracked:
+                full = {k: v for k, v in table.items() if self._tokens(table, k, burst, every, now_ms) < burst}
+                table.clear()
+                table.update(full)
+            table[key] = (max(0.0, self._tokens(table, key, burst, every, now_ms) - 1), now_ms)
+
+    def succeeded(self, address: str, user: str) -> None:
+        pair = (address, user)
+        self._known.pop(pair, None)
+        self._known[pair] = None
+        if len(self._known) > self.max_tracked:
+            del self._known[next(iter(self._known))]
 
 
 class Refused(Exception):
@@ -567,11 +604,12 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             return
         if self.accounts is not None:
             now = _now_ms()
-            if not self.failed_logins.allowed(address, now):
-                raise Refused(NOT_AUTHORIZED, f"{address} failed to log in too often: not checked")
+            if not self.failed_logins.allowed(address, user, now):
+                raise Refused(NOT_AUTHORIZED, f"{address} failed to log in as {user!r} too often: not checked")
             if not user or not self.accounts.verify(user, password):
-                self.failed_logins.failed(address, now)
+                self.failed_logins.failed(address, user, now)
                 raise Refused(NOT_AUTHORIZED, f"unknown user or wrong password for {user!r}")
+            self.failed_logins.succeeded(address, user)
             if not client_id_allowed(user, client_id):
                 raise Refused(
                     IDENTIFIER_REJECTED,

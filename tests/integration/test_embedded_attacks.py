@@ -346,6 +346,33 @@ def test_password_guessing_is_throttled_per_address(tmp_path: Path) -> None:
             c.stop()
 
 
+def test_one_guesser_does_not_lock_out_the_others_at_its_address(tmp_path: Path) -> None:
+    """Behind a reverse proxy or a NAT, every client has the same address: mallory's guesses must
+    not keep alice and bob out."""
+    with embedded(tmp_path) as broker:
+        known = Raw(broker.port, "alice:a", "alice", ACCOUNTS["alice"])  # alice logged in from here
+        assert not known.refused
+        known.stop()
+        guesses = [Raw(broker.port, "mallory:g", "mallory", f"guess-{i}") for i in range(12)]
+        assert all(g.refused for g in guesses)
+        assert Raw(broker.port, "mallory:ok", "mallory", ACCOUNTS["mallory"]).refused  # her own: held
+        bob = Raw(broker.port, "bob:ok", "bob", ACCOUNTS["bob"])
+        assert not bob.refused
+        bob.stop()
+        # guesses over many names hold the address back (100 in production; 20 here) ...
+        broker.broker.failed_logins.address_burst = 20.0
+        flood = [Raw(broker.port, f"u{i}:g", f"u{i}", "x") for i in range(20)]
+        assert all(f.refused for f in flood)
+        from bridge.broker import _now_ms
+
+        assert not broker.broker.failed_logins.allowed("127.0.0.1", "carol", _now_ms())  # new here
+        # ... but not the accounts that logged in from it before
+        again = Raw(broker.port, "alice:b", "alice", ACCOUNTS["alice"])
+        assert not again.refused
+        for c in (*guesses, *flood, again):
+            c.stop()
+
+
 def test_connections_and_persistent_sessions_are_capped_per_account(tmp_path: Path) -> None:
     from bridge.broker import Caps
 
