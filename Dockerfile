@@ -11,9 +11,12 @@ RUN pip install --no-cache-dir . && useradd --system --uid 10001 bridge \
 COPY docker/healthcheck.py /usr/local/bin/chat-bridge-healthcheck
 COPY docker/entrypoint.sh /usr/local/bin/chat-bridge-entrypoint
 COPY docker/wait-for-database.py /usr/local/bin/chat-bridge-wait-for-database
+COPY docker/cluster-init.sh /usr/local/bin/chat-bridge-cluster-init
+COPY docker/cluster-worker.sh /usr/local/bin/chat-bridge-cluster-worker
 # (a build context copied without modes, as chat_bridge.testing's is, loses the executable bits)
 RUN chmod 755 /usr/local/bin/chat-bridge-entrypoint /usr/local/bin/chat-bridge-healthcheck \
-    /usr/local/bin/chat-bridge-wait-for-database
+    /usr/local/bin/chat-bridge-wait-for-database /usr/local/bin/chat-bridge-cluster-init \
+    /usr/local/bin/chat-bridge-cluster-worker
 USER bridge
 ENTRYPOINT ["chat-bridge-entrypoint"]
 CMD ["serve"]

@@ -83,7 +83,9 @@ class Subjects:
         return topic.replace("/", ".")
 
 
-def account_conf(topic_prefix: str = "chat/v1", partitions: int = DEFAULT_PARTITIONS) -> str:
+def account_conf(
+    topic_prefix: str = "chat/v1", partitions: int = DEFAULT_PARTITIONS, users: str = "users.conf"
+) -> str:
     s = Subjects.for_topic_prefix(topic_prefix)
     mapped = s.mapped_commands % partitions
     return f"""# The chat account, shared by every NATS node of the cluster (written by bridge/natsconf.py).
@@ -99,7 +101,7 @@ accounts {{
     mappings = {{
       "{s.commands}": "{mapped}"
     }}
-    include "users.conf"
+    include {_q(users)}
   }}
 }}
 """
@@ -244,6 +246,25 @@ def shipped(directory: Path) -> dict[Path, str]:
             routes=[r for j, r in enumerate(routes) if j != i],
             websocket=f"127.0.0.1:{WS_PORT + i}",
         )
+    files.update(compose(directory / "compose"))
+    return files
+
+
+def compose(directory: Path) -> dict[Path, str]:
+    """The nodes of docker-compose.yml's `cluster` profile (nats-1..3, each in a container of its
+    own, the accounts in the shared volume mounted at /etc/nats/accounts: NATS reads includes relative
+    to the including file, absolute paths too)."""
+    files = {directory / "chat.conf": account_conf(users="accounts/users.conf")}
+    for i in range(1, 4):
+        files[directory / f"nats-{i}.conf"] = node_conf(
+            f"nats-{i}",
+            client="0.0.0.0:4222",
+            mqtt="0.0.0.0:1883",
+            store_dir="/data",
+            cluster="0.0.0.0:6222",
+            routes=[f"nats-route://nats-{j}:6222" for j in range(1, 4) if j != i],
+            websocket="0.0.0.0:9001",
+        )
     return files
 
 
@@ -254,6 +275,7 @@ def main() -> None:
     directory = Path(sys.argv[1] if len(sys.argv) > 1 else "nats")
     directory.mkdir(parents=True, exist_ok=True)
     for path, content in shipped(directory).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
     users = directory / "users.conf"
     if not users.exists():

@@ -29,7 +29,7 @@ def compose() -> dict[str, Any]:
 
 def test_services_ports_volumes_and_healthchecks() -> None:
     doc = compose()
-    services = doc["services"]
+    services = {n: s for n, s in doc["services"].items() if "cluster" not in s.get("profiles", [])}
     assert set(services) == {"mosquitto", "postgres", "bridge"}
     assert {"${CHAT_MQTT_PORT:-1883}:1883", "${CHAT_WS_PORT:-9001}:9001"} <= set(
         services["mosquitto"]["ports"]
@@ -37,12 +37,36 @@ def test_services_ports_volumes_and_healthchecks() -> None:
     assert services["bridge"]["ports"] == ["127.0.0.1:${CHAT_HTTP_PORT:-8080}:8080"]
     for name in services:
         assert services[name]["healthcheck"]["test"], name
-    assert set(doc["volumes"]) == {"accounts", "mosquitto-data", "postgres-data"}
+    assert {"accounts", "mosquitto-data", "postgres-data"} <= set(doc["volumes"])
     depends = services["bridge"]["depends_on"]
     assert depends == {
         "mosquitto": {"condition": "service_healthy"},
         "postgres": {"condition": "service_healthy"},
     }
+
+
+def test_the_cluster_profile_wires_three_nats_nodes_and_workers_to_one_account_volume() -> None:
+    from bridge import natsconf
+
+    services = compose()["services"]
+    cluster = {n for n, s in services.items() if s.get("profiles") == ["cluster"]}
+    assert cluster == {"cluster-init", "nats-1", "nats-2", "nats-3", "worker-1", "worker-2"}
+    shipped = natsconf.compose(ROOT / "nats" / "compose")
+    for i in (1, 2, 3):
+        node = services[f"nats-{i}"]
+        assert node["command"] == ["-c", f"/etc/nats/nats-{i}.conf"]
+        assert "nats-accounts:/etc/nats/accounts:ro" in node["volumes"]
+        text = (ROOT / f"nats/compose/nats-{i}.conf").read_text()
+        assert text == shipped[ROOT / f"nats/compose/nats-{i}.conf"]
+        assert all(f"nats-route://nats-{j}:6222" in text for j in (1, 2, 3) if j != i)
+    assert 'include "accounts/users.conf"' in (ROOT / "nats/compose/chat.conf").read_text()
+    assert "COPY nats/compose/ /etc/nats/" in (ROOT / "docker/nats.Dockerfile").read_text()
+    for w in ("worker-1", "worker-2"):
+        assert services[w]["entrypoint"] == ["chat-bridge-cluster-worker"]
+        assert "nats-accounts:/accounts:ro" in services[w]["volumes"]
+    assert "nats-accounts:/accounts" in services["cluster-init"]["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "docker/cluster-worker.sh" in dockerfile and "docker/cluster-init.sh" in dockerfile
 
 
 def test_mosquitto_mounts_match_the_shipped_config() -> None:
