@@ -119,3 +119,12 @@ def test_the_package_data_ships_the_page() -> None:
     files = {p for p in (ROOT / "bridge" / "web").rglob("*") if p.is_file()}
     assert {"index.html", "app.js", "app.css", "favicon.svg"} <= {p.name for p in files}
     assert files <= shipped, sorted(str(p) for p in files - shipped)
+
+
+def test_the_pages_state_unit_tests() -> None:
+    """clients/web/test/store.test.mjs: unread counts, duplicates and revs, typing, receipts, presence."""
+    node_modules()
+    result = subprocess.run(
+        ["node", "--test", "test/store.test.mjs"], cwd=WEB, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "# fail 0" in result.stdout, result.stdout + result.stderr
