@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,43 @@ def test_config_json_defaults() -> None:
         assert json.loads(body) == {"ws_url": None, "prefix": "chat/v1", "accounts": None, "protocol": "1.1"}
     finally:
         s.stop()
+
+
+class _Inline(HTMLParser):
+    """Collects what a CSP without 'unsafe-inline' would block: inline scripts, styles, handlers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked: list[str] = []
+        self.scripts: list[str] = []
+        self._in: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        names = dict(attrs)
+        for name, _ in attrs:
+            if name.startswith("on") or name == "style":
+                self.blocked.append(f"<{tag} {name}>")
+        if tag == "style":
+            self.blocked.append("<style>")
+        if tag == "script":
+            if not names.get("src"):
+                self.blocked.append("<script> without src")
+            else:
+                self.scripts.append(str(names["src"]))
+            self._in = tag
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in == "script" and data.strip():
+            self.blocked.append("inline script text")
+
+
+def test_the_shipped_page_needs_no_inline_code_and_its_files_are_there() -> None:
+    page = _Inline()
+    page.feed((WEB_ROOT / "index.html").read_text())
+    assert page.blocked == []
+    assert page.scripts, "the page loads its script"
+    for src in page.scripts:
+        assert (WEB_ROOT / src).is_file(), src
