@@ -29,6 +29,7 @@ import secrets
 import socket
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -372,16 +373,66 @@ class Caps:
     max_keepalive: int = 300  # a keepalive of 0 or above this counts as this (the watchdog)
 
 
+def address_key(address: str) -> str:
+    """What the throttle and the connection caps count a peer address as: an IPv6 address by its /64
+    (one subscriber's prefix: its addresses cost nothing to change), an IPv4-mapped one as IPv4."""
+    if ":" not in address:
+        return address
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0])
+    except OSError:
+        return address
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+class _Buckets(OrderedDict[Any, tuple[float, int]]):
+    """Token buckets (checks left, when counted) by key, at most `max_tracked`, the least recently
+    charged first: charging one is O(1). A missing key has a full bucket, so dropping the oldest
+    entry loses nothing once it has refilled (after `burst * every` ms); only when more than
+    `max_tracked` keys were charged within that time is an active one dropped (`evicted`)."""
+
+    def __init__(self, burst: float, every_ms: int, max_tracked: int) -> None:
+        super().__init__()
+        self.burst, self.every_ms, self.max_tracked = burst, every_ms, max_tracked
+        self.evicted = 0  # active entries dropped to make room
+
+    def tokens(self, key: Any, now_ms: int) -> float:
+        left, at = self.get(key, (self.burst, now_ms))
+        return min(self.burst, left + max(0, now_ms - at) / self.every_ms)
+
+    def charge(self, key: Any, now_ms: int) -> None:
+        left = self.tokens(key, now_ms)
+        if key in self:
+            self.move_to_end(key)
+        elif len(self) >= self.max_tracked:
+            _old, (old_left, old_at) = self.popitem(last=False)
+            if old_left + max(0, now_ms - old_at) / self.every_ms < self.burst:
+                self.evicted += 1
+        self[key] = (max(0.0, left - 1), now_ms)
+
+
 class FailedLogins:
     """Wrong passwords, counted per address and account and per address alone: of each, `burst`
     (`address_burst`) are checked, then one more every `every_ms` (`address_every_ms`); beyond that a
     CONNECT is refused without checking (the right password too), so guessing costs the broker no
-    hashing and the bridge no time.
+    hashing and the bridge no time. Addresses are counted by `address_key` (IPv6 by its /64).
 
     One user guessing from an address that others share (a reverse proxy, a NAT) locks out only the
     accounts it guesses; and an account that logged in from the address before still gets its own
     checks once the address as a whole is held back, so a flood of guesses over many names does not
-    lock out the address's known users."""
+    lock out the address's known users.
+
+    Each table keeps at most `max_tracked` entries, the least recently charged dropped first (O(1) a
+    failure). Dropping an entry gives its key a full budget again, so pushing an entry out takes
+    `max_tracked` failures of other keys within the minute it takes to refill, and those are
+    themselves held back per address: from one address that is hours, and from many addresses
+    guessing directly is cheaper. A name longer than any user id is counted by its first 65
+    characters (an entry never holds a long string)."""
 
     def __init__(
         self,
@@ -392,43 +443,42 @@ class FailedLogins:
         address_every_ms: int = 600,
         max_tracked: int = 100_000,
     ) -> None:
-        self.burst, self.every_ms, self.max_tracked = float(burst), every_ms, max_tracked
-        self.address_burst, self.address_every_ms = float(address_burst), address_every_ms
-        self._left: dict[str, tuple[float, int]] = {}  # address -> (checks left, when counted)
-        self._pairs: dict[tuple[str, str], tuple[float, int]] = {}  # (address, user) -> the same
-        self._known: dict[tuple[str, str], None] = {}  # (address, user) that logged in, oldest first
+        self._left = _Buckets(float(address_burst), address_every_ms, max_tracked)  # by address
+        self._pairs = _Buckets(float(burst), every_ms, max_tracked)  # by (address, user)
+        self._known: OrderedDict[tuple[str, str], None] = OrderedDict()  # logged in, oldest first
+        self.max_tracked = max_tracked
+
+    @property
+    def address_burst(self) -> float:
+        return self._left.burst
+
+    @address_burst.setter
+    def address_burst(self, value: float) -> None:
+        self._left.burst = float(value)
 
     @staticmethod
-    def _tokens(table: dict[Any, tuple[float, int]], key: Any, burst: float, every: int, now: int) -> float:
-        left, at = table.get(key, (burst, now))
-        return min(burst, left + (now - at) / every)
+    def _pair(address: str, user: str) -> tuple[str, str]:
+        return address_key(address), user[:65]
 
     def allowed(self, address: str, user: str, now_ms: int) -> bool:
-        pair = (address, user)
-        if self._tokens(self._pairs, pair, self.burst, self.every_ms, now_ms) < 1:
+        pair = self._pair(address, user)
+        if self._pairs.tokens(pair, now_ms) < 1:
             return False
-        return (
-            pair in self._known
-            or self._tokens(self._left, address, self.address_burst, self.address_every_ms, now_ms) >= 1
-        )
+        return pair in self._known or self._left.tokens(pair[0], now_ms) >= 1
 
     def failed(self, address: str, user: str, now_ms: int) -> None:
-        for table, key, burst, every in (
-            (self._left, address, self.address_burst, self.address_every_ms),
-            (self._pairs, (address, user), self.burst, self.every_ms),
-        ):
-            if key not in table and len(table) >= self.max_tracked:
-                full = {k: v for k, v in table.items() if self._tokens(table, k, burst, every, now_ms) < burst}
-                table.clear()
-                table.update(full)
-            table[key] = (max(0.0, self._tokens(table, key, burst, every, now_ms) - 1), now_ms)
+        pair = self._pair(address, user)
+        self._left.charge(pair[0], now_ms)
+        self._pairs.charge(pair, now_ms)
 
     def succeeded(self, address: str, user: str) -> None:
-        pair = (address, user)
-        self._known.pop(pair, None)
+        pair = self._pair(address, user)
+        if pair in self._known:
+            self._known.move_to_end(pair)
+            return
         self._known[pair] = None
         if len(self._known) > self.max_tracked:
-            del self._known[next(iter(self._known))]
+            self._known.popitem(last=False)
 
 
 class Refused(Exception):
@@ -603,12 +653,12 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                 )
             return
         if self.accounts is not None:
-            now = _now_ms()
+            now, shown = _now_ms(), user[:65]  # (a name may be 64 KiB long: not in the log)
             if not self.failed_logins.allowed(address, user, now):
-                raise Refused(NOT_AUTHORIZED, f"{address} failed to log in as {user!r} too often: not checked")
+                raise Refused(NOT_AUTHORIZED, f"{address} failed to log in as {shown!r} too often: unchecked")
             if not user or not self.accounts.verify(user, password):
                 self.failed_logins.failed(address, user, now)
-                raise Refused(NOT_AUTHORIZED, f"unknown user or wrong password for {user!r}")
+                raise Refused(NOT_AUTHORIZED, f"unknown user or wrong password for {shown!r}")
             self.failed_logins.succeeded(address, user)
             if not client_id_allowed(user, client_id):
                 raise Refused(
