@@ -10,24 +10,11 @@ import * as esbuild from "esbuild";
 const here = dirname(fileURLToPath(import.meta.url));
 export const outDir = join(here, "..", "..", "bridge", "web");
 
-// Every `import ... from "mqtt"` of the bundle (the SDK's included) gets MQTT.js's browser build, the
-// copy clients/js installed (its package-lock.json pins it).
-function mqttForBrowsers(sdkDir) {
-  return {
-    name: "mqtt-browser",
-    setup(b) {
-      b.onResolve({ filter: /^mqtt$/ }, () => ({ path: join(here, "src", "vendor", "mqtt-browser.ts") }));
-      b.onResolve({ filter: /^mqtt\/dist\// }, (args) =>
-        args.resolveDir === join(here, "src", "vendor")
-          ? b.resolve(args.path, { kind: args.kind, resolveDir: sdkDir })
-          : undefined,
-      );
-    },
-  };
-}
+// The SDK's `import mqtt from "mqtt"` gets MQTT.js's browser build (the "browser" condition of its
+// package.json), from the copy clients/js installed (its package-lock.json pins it).
 
 /** Every output file: name in bridge/web/ -> contents. */
-export async function build({ plugins = [], sdkDir = join(here, "..", "js") } = {}) {
+export async function build() {
   const common = {
     bundle: true,
     minify: true,
@@ -44,7 +31,6 @@ export async function build({ plugins = [], sdkDir = join(here, "..", "js") } = 
     platform: "browser",
     target: ["es2022"],
     outfile: "app.js",
-    plugins: [...plugins, mqttForBrowsers(sdkDir)],
   });
   const css = await esbuild.build({
     ...common,

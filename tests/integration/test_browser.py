@@ -1,7 +1,8 @@
 """The browser client at `/`, end to end in headless Chromium (clients/web/test/e2e.mjs): two pages log
 in as alice and bob to a real `chat-bridge serve`, chat both ways, type, edit, react, delete, read,
 lose the connection and catch up, page history, search and use a group. Also: the committed bundle
-in bridge/web/ is what a fresh build of clients/web produces, and a wheel ships it."""
+in bridge/web/ is what a fresh build of clients/web produces, and a wheel ships it; the SDK's own
+browser bundle (clients/js `npm run build`) works in a page without a bundler."""
 
 from __future__ import annotations
 
@@ -102,6 +103,36 @@ def test_two_pages_chat_through_mosquittos_websocket_listener(tmp_path: Path) ->
             run_e2e(f"http://127.0.0.1:{http}/", tmp_path, "--ws", ws)
     finally:
         mosquitto.stop()
+
+
+@needs_chromium
+def test_the_sdks_browser_bundle_chats_from_a_page_without_a_bundler(tmp_path: Path) -> None:
+    """dist/browser/chat-bridge-client.js imported by a page as docs/sdk-js.md shows (test/sdk-bundle.mjs)."""
+    node_modules()
+    js = ROOT / "clients" / "js"
+    if not (js / "node_modules" / "mqtt").is_dir():
+        pytest.fail("clients/js/node_modules is missing: run `npm ci` in clients/js (scripts/test does)")
+    build = subprocess.run(
+        ["npm", "run", "--silent", "build"], cwd=js, capture_output=True, text=True, timeout=240
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    mqtt, ws = free_port(), free_port()
+    args = ("--listen", f"127.0.0.1:{mqtt}", "--database-url", f"sqlite:///{tmp_path}/db.sqlite3")
+    args += ("--ws-listen", f"127.0.0.1:{ws}", "--http-listen", "off")
+    body = "hello from a page without a bundler"
+    with serving(tmp_path, *args) as proc:
+        wait_for_line(proc, "bridge online")
+        cmd = ["node", "test/sdk-bundle.mjs", "--ws", f"ws://127.0.0.1:{ws}/mqtt", "--chromium", CHROMIUM]
+        cmd += ["--user", "page", "--body", body]
+        result = subprocess.run(cmd, cwd=WEB, capture_output=True, text=True, timeout=120)
+        print(result.stdout, result.stderr, sep="\n")
+        assert result.returncode == 0, result.stdout + result.stderr
+        seen = json.loads(result.stdout.strip().splitlines()[-1])
+        assert seen["ok"] and seen["transport"] == "ws" and seen["event"] == seen["sent"], seen
+        assert seen["clientId"].startswith("page:")
+        with Client("carol", "127.0.0.1", mqtt) as carol:
+            stored = carol.get_messages("global")["messages"]
+        assert [(m["sender_id"], m["body"]) for m in stored] == [("page", body)]
 
 
 def test_the_committed_bundle_is_a_fresh_build_of_clients_web() -> None:

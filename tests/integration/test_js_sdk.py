@@ -1,9 +1,13 @@
-"""The TypeScript SDK (clients/js): its types match schemas/, it type-checks, and its own tests (Node's
-test runner, clients/js/test) pass against a real `chat-bridge serve` of this checkout."""
+"""The TypeScript SDK (clients/js): its types match schemas/, it type-checks, `npm run build` writes the
+package (ES modules and type declarations for Node and bundlers, one ES module for pages without a
+bundler), and its own tests (Node's test runner, clients/js/test) pass against a real
+`chat-bridge serve` of this checkout."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +38,51 @@ def test_the_sdks_types_are_generated_from_the_schemas_and_check(script: str) ->
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.fixture(scope="module")
+def built() -> Path:
+    """`npm run build`, as docs/sdk-js.md tells users to run it."""
+    done = npm("build")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return JS / "dist"
+
+
+def test_npm_run_build_writes_modules_declarations_and_a_browser_bundle(built: Path) -> None:
+    outputs = (
+        "index.js",
+        "index.d.ts",
+        "client.d.ts",
+        "generated/protocol.d.ts",
+        "browser/chat-bridge-client.js",
+    )
+    for name in outputs:
+        assert (built / name).is_file(), name
+    assert "export declare class ChatClient" in (built / "client.d.ts").read_text()
+    # Node resolves the package by its name (package.json "exports") to the built ES module
+    script = (
+        'const sdk = await import("chat-bridge-client");'
+        'const c = new sdk.ChatClient({ user: "alice", url: "mqtt://127.0.0.1:1" });'
+        "console.log(JSON.stringify({ exports: Object.keys(sdk).sort(), clientId: c.clientId }));"
+    )
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script], cwd=JS, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert {"ChatClient", "ProtocolError", "RequestTimeout", "COMMAND_NAMES"} <= set(out["exports"])
+    assert re.fullmatch(r"alice:[0-9a-f]{12}", out["clientId"])
+    # the browser bundle is one ES module with MQTT.js inside: no imports left, the SDK's names exported
+    bundle = (built / "browser" / "chat-bridge-client.js").read_text()
+    assert not re.search(r"""(^|[;}])\s*import\s*[\w{*]""", bundle)
+    exported = re.findall(r"export\s*\{([^}]*)\}", bundle)[-1]
+    names = {part.split(" as ")[-1].strip() for part in exported.split(",")}
+    assert {"ChatClient", "ProtocolError", "ConnectionFailed", "clientIdFor"} <= names, names
+
+
 def test_the_sdks_own_tests_pass_against_a_real_bridge() -> None:
     done = npm("test")
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert "# fail 0" in done.stdout
+    output = done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.returncode == 0, output
+    # every test ran and passed (a hook that fails cancels the tests of its suite)
+    assert "# fail 0" in done.stdout and "# cancelled 0" in done.stdout, output
+    summary = dict(re.findall(r"^# (tests|pass) (\d+)$", done.stdout, re.M))
+    assert summary["tests"] == summary["pass"], output

@@ -7,7 +7,8 @@
  * retained status shows a new epoch; answers matched by request_id; duplicates dropped by event_id;
  * after a reconnect, what changed meanwhile fetched with get-messages and delivered as events.
  */
-import { connect as mqttConnect } from "mqtt";
+// the default import: MQTT.js's browser build (what bundlers pick for browsers) exports nothing else
+import mqtt from "mqtt";
 import type { IClientOptions, IClientPublishOptions, MqttClient } from "mqtt";
 
 import { ConnectionFailed, RequestTimeout, errorFrom } from "./errors.js";
@@ -202,7 +203,7 @@ export class ChatClient {
       }
       let client: MqttClient;
       try {
-        client = mqttConnect(this.options.url, opts);
+        client = mqtt.connect(this.options.url, opts);
       } catch (err) {
         this.fail(new ConnectionFailed(`${this.user}@${this.options.url}: ${(err as Error).message}`));
         return;

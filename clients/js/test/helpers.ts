@@ -71,6 +71,8 @@ export interface BridgeOptions {
   brokerUrl?: string;
   args?: string[];
   name?: string;
+  /** Let the embedded broker serve MQTT over WebSockets too (on a free port: see wsUrl); default off. */
+  ws?: boolean;
 }
 
 /** `chat-bridge serve` in a child process; restart() keeps its port and database. */
@@ -78,20 +80,25 @@ export class Bridge {
   readonly dir: string;
   readonly port: number;
   readonly url: string;
+  /** The embedded broker's MQTT over WebSockets (null unless started with `ws: true`). */
+  readonly wsUrl: string | null;
   epoch: string | null = null;
   private proc: ChildProcess | null = null;
 
   private constructor(
     readonly options: BridgeOptions,
     port: number,
+    private readonly wsPort: number | null,
   ) {
     this.dir = tempDir(options.name ?? "bridge");
     this.port = port;
     this.url = options.brokerUrl ?? `mqtt://127.0.0.1:${port}`;
+    this.wsUrl = wsPort === null ? null : `ws://127.0.0.1:${wsPort}/mqtt`;
   }
 
   static async start(options: BridgeOptions = {}): Promise<Bridge> {
-    const bridge = new Bridge(options, options.brokerUrl ? Number(new URL(options.brokerUrl).port) : await freePort());
+    const port = options.brokerUrl ? Number(new URL(options.brokerUrl).port) : await freePort();
+    const bridge = new Bridge(options, port, options.ws && !options.brokerUrl ? await freePort() : null);
     await bridge.run();
     return bridge;
   }
@@ -111,7 +118,11 @@ export class Bridge {
   private async run(): Promise<void> {
     const args = ["serve", "--database-url", `sqlite:///${join(this.dir, "db.sqlite3")}`, "--http-listen", "off"];
     if (this.options.brokerUrl) args.push("--broker-url", this.options.brokerUrl);
-    else args.push("--listen", `127.0.0.1:${this.port}`);
+    else {
+      args.push("--listen", `127.0.0.1:${this.port}`);
+      // never the default 127.0.0.1:9001, which another broker may hold
+      args.push("--ws-listen", this.wsPort === null ? "off" : `127.0.0.1:${this.wsPort}`);
+    }
     args.push(...(this.options.args ?? []));
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("CHAT_BRIDGE_")));
     const out = openSync(this.logPath, "a");
