@@ -124,3 +124,27 @@ def proc_stats(pid: int) -> tuple[float, int]:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+AMQTT = """
+import asyncio, sys
+from bridge.broker import start_broker
+
+async def main() -> None:
+    broker = await start_broker("127.0.0.1", int(sys.argv[1]), topic_rules=False)
+    print("amqtt listening", file=sys.stderr, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def start_amqtt() -> tuple[subprocess.Popen[str], int]:
+    """The embedded broker's amqtt alone, in a process of its own without topic rules (a plain broker
+    for a raw relay beside the bridge's embedded mode); (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AMQTT, str(port)], stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    wait_for_line(proc, "amqtt listening")
+    return proc, port

@@ -13,16 +13,21 @@ closed loop (senders publish as fast as paho lets them; throughput = messages
 delivered / time from the first send to the last delivery), then open loop at
 500 msg/s and at 25/50/75 % of the bridge's closed-loop maximum, messages
 evenly spaced (latency send -> delivery, from a timestamp in the body). Load
-comes from two separate processes. Prints messages/s, events/s, p50/p99/max
-latency, the CPU and RSS of the bridge (and of the relay), the CPU time per
-delivered chat message (process CPU seconds / messages delivered) and the
-bridge's ratios to the raw and to the same-shape relay; writes
-bench/results/throughput.json and throughput.png.
+comes from two separate processes. Then, in the same run, the closed loop
+again with the bridge's embedded amqtt broker (`chat-bridge serve --listen`)
+beside the raw relay through that same amqtt.
 
-    python bench/throughput.py [--quick] [--embedded] [--client mqttc|paho] [--database-url URL]
+Prints messages/s, events/s, p50/p99/max latency, the CPU and RSS of the bridge
+(and of the relay), the CPU time per delivered chat message (process CPU seconds
+/ messages delivered, and the same per thread of the bridge), the bridge's ratios
+to the raw and to the same-shape relay, the load average, and a table of the
+targets, met or not; writes bench/results/throughput.json and throughput.png.
 
---embedded runs the bridge with its embedded amqtt broker (`chat-bridge serve
---listen`); the raw relay then goes through that same amqtt.
+    python bench/throughput.py [--quick] [--embedded | --no-embedded] [--client mqttc|paho]
+                               [--database-url URL]
+
+--embedded runs every phase on the embedded broker instead of Mosquitto (the raw
+relay then goes through that same amqtt); --no-embedded skips the embedded phase.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import tempfile
@@ -46,6 +52,7 @@ from harness import (
     client,
     percentile,
     proc_stats,
+    start_amqtt,
     start_bridge,
     start_embedded,
     start_mosquitto,
@@ -150,6 +157,22 @@ def setup_conversations(port: int, users: int) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the process's main thread (the bridge's event loop) and by its other
+    threads together (the database thread above all; Python does not name threads for /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage = {"loop": 0.0, "other threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        usage["loop" if task.name == str(pid) else "other threads"] += (
+            int(fields[11]) + int(fields[12])
+        ) / ticks
+    return usage
+
+
 def run(
     mode: str,
     port: int,
@@ -171,6 +194,7 @@ def run(
         if chunk
     ]
     cpu0 = proc_stats(bridge_pid)[0] if bridge_pid else 0.0
+    threads0 = thread_cpu(bridge_pid) if bridge_pid else {}
     for p in procs:
         p.start()
     budget = 200 + (messages * len(pairs) / rate if rate else 0)
@@ -178,6 +202,7 @@ def run(
     for p in procs:
         p.join(30)
     cpu1, rss = proc_stats(bridge_pid) if bridge_pid else (0.0, 0)
+    threads1 = thread_cpu(bridge_pid) if bridge_pid else {}
     lat = [x for r in results for x in r["latencies"]]
     first = min(r["first"] for r in results)
     last = max(r["last"] for r in results)
@@ -202,6 +227,13 @@ def run(
         "bridge_rss_mb": round(rss / 2**20, 1) if bridge_pid else None,
         # process CPU time / chat messages delivered, the whole run (set-up of the senders excluded)
         "cpu_us_per_msg": round((cpu1 - cpu0) / delivered * 1e6, 1) if bridge_pid and delivered else None,
+        # the same, for the event loop's thread and for the others (a thread that ended is not counted)
+        "thread_us_per_msg": {
+            name: round((used - threads0.get(name, 0.0)) / delivered * 1e6, 1)
+            for name, used in threads1.items()
+        }
+        if bridge_pid and delivered
+        else {},
     }
 
 
@@ -271,17 +303,111 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def closed_loop(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["mode"]: r for r in rows if r["offered_rate"] == "max"}
+
+
+def targets(
+    rows: list[dict[str, Any]], embedded_rows: list[dict[str, Any]], rate: float, half: int
+) -> list[tuple[str, str, bool | None]]:
+    """Every target as (target, measured, met): None when the run did not measure it."""
+    closed = closed_loop(rows)
+    bridge, raw, relay = closed["bridge"], closed["raw"], closed.get("relay")
+    out: list[tuple[str, str, bool | None]] = []
+    cpu = bridge["cpu_us_per_msg"]
+    out.append(
+        ("bridge CPU per delivered chat message <= 100 us", f"{cpu} us", cpu is not None and cpu <= 100)
+    )
+    ratio = bridge["msgs_per_s"] / raw["msgs_per_s"]
+    out.append(
+        (
+            "closed loop >= 0.25 x the raw relay",
+            f"{bridge['msgs_per_s']:.0f} / {raw['msgs_per_s']:.0f} = {ratio:.2f}",
+            ratio >= 0.25,
+        )
+    )
+    if relay is not None:
+        ratio = bridge["msgs_per_s"] / relay["msgs_per_s"]
+        out.append(
+            (
+                "closed loop >= 0.8 x the same-shape relay",
+                f"{bridge['msgs_per_s']:.0f} / {relay['msgs_per_s']:.0f} = {ratio:.2f}",
+                ratio >= 0.8,
+            )
+        )
+    else:
+        out.append(("closed loop >= 0.8 x the same-shape relay", "not run (--no-relay)", None))
+    for offered, limit, name in (
+        (rate, 2.0, f"{rate:g} msg/s"),
+        (half, 10.0, f"50 % of the max ({half} msg/s)"),
+    ):
+        row = next((r for r in rows if r["mode"] == "bridge" and r["offered_rate"] == offered), None)
+        if row is None:
+            out.append((f"p99 send->deliver <= {limit:g} ms at {name}", "not run", None))
+            continue
+        kept_up = row["delivered"] == row["expected"] and row["msgs_per_s"] >= 0.95 * offered
+        measured = f"{row['p99_ms']} ms (p50 {row['p50_ms']}, {row['msgs_per_s']:.0f} msg/s delivered)"
+        out.append(
+            (f"p99 send->deliver <= {limit:g} ms at {name}", measured, kept_up and row["p99_ms"] <= limit)
+        )
+    emb = closed_loop(embedded_rows) if embedded_rows else {}
+    if "bridge" in emb and "raw" in emb and emb["raw"]["msgs_per_s"]:
+        ratio = emb["bridge"]["msgs_per_s"] / emb["raw"]["msgs_per_s"]
+        measured = f"{emb['bridge']['msgs_per_s']:.0f} / {emb['raw']['msgs_per_s']:.0f} = {ratio:.2f}"
+        measured += f" ({emb['bridge']['cpu_us_per_msg']} us CPU per message)"
+        out.append(("embedded mode >= 0.5 x amqtt's own raw relay", measured, ratio >= 0.5))
+    else:
+        out.append(("embedded mode >= 0.5 x amqtt's own raw relay", "not run (--no-embedded)", None))
+    return out
+
+
+def print_targets(rows: list[tuple[str, str, bool | None]]) -> None:
+    width = max(len(t) for t, _, _ in rows)
+    print("targets (this run):")
+    for target, measured, met in rows:
+        verdict = "not measured" if met is None else "met" if met else "NOT MET"
+        print(f"  {target:{width}}  {measured:50}  {verdict}")
+
+
+def embedded_phase(
+    messages: int, users: int, options: tuple[str, ...], workdir: Path
+) -> list[dict[str, Any]]:
+    """The closed loop on the embedded broker: amqtt's own raw relay (the same broker code in a process
+    of its own, without topic rules, which let clients publish only commands), then the bridge in it."""
+    amqtt, port = start_amqtt()
+    try:
+        pairs = [(f"u{i}", f"u{i + 1}", "") for i in range(0, users, 2)]
+        rows = [run("raw", port, pairs, messages, 0, amqtt.pid)]
+    finally:
+        amqtt.terminate()
+        amqtt.wait(30)
+    bridge, port = start_embedded(f"sqlite:///{workdir}/embedded.sqlite3", *options)
+    try:
+        pairs = setup_conversations(port, users)
+        rows.append(run("bridge", port, pairs, messages, 0, bridge.pid))
+    finally:
+        bridge.terminate()
+        bridge.wait(30)
+    return rows
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    parser.add_argument("--quick", action="store_true", help="a smaller run, about a minute")
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--messages", type=int, help="per sender, closed loop (default 2000; quick 300)")
     parser.add_argument("--seconds", type=float, help="per open-loop rate (default 8; quick 2)")
     parser.add_argument("--rate", type=float, default=500, help="a fixed rate, besides 25/50/75%% of the max")
     parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
-    parser.add_argument("--embedded", action="store_true", help="the amqtt broker embedded in the bridge")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--embedded", action="store_true", help="every phase on the embedded amqtt broker")
+    where.add_argument("--no-embedded", action="store_true", help="skip the embedded broker's phase")
     parser.add_argument(
         "--client",
         choices=["mqttc", "paho"],
@@ -297,51 +423,76 @@ def main() -> None:
     database_url = args.database_url or f"sqlite:///{workdir}/bench.sqlite3"
     broker = None
     library = args.client or "mqttc"
+    load_before = load_average()
     # no HTTP server: its default port may be taken by another bridge on the machine
     options = ("--rate-limit", "0", "--http-listen", "off")
     options += ("--mqtt-client", args.client) if args.client else ()
+    amqtt = None
     if args.embedded:
         bridge, port = start_embedded(database_url, *options)
+        # the raw relay on amqtt alone: the embedded broker's rules let clients publish only commands
+        amqtt, raw_port = start_amqtt()
+        raw_pid: int | None = amqtt.pid
     else:
         broker, port = start_mosquitto(workdir)
         bridge = start_bridge(port, database_url, *options)
+        raw_port, raw_pid = port, None
     storage = "PostgreSQL" if database_url.startswith("postgresql") else "SQLite"
     title = f"{args.users} users in {args.users // 2} direct pairs, QoS 1, {storage}, " + (
         "embedded amqtt broker" if args.embedded else "Mosquitto (tcp_nodelay)"
     )
     title += f", bridge client {args.client or 'default'}"
     relay = None
+    embedded_rows: list[dict[str, Any]] = []
     try:
         pairs = setup_conversations(port, args.users)
-        if not args.no_relay:
+        if not args.no_relay and not args.embedded:  # the embedded broker lets only the bridge publish events
             relay = start_relay(workdir, port, pairs, library)
         senders = len(pairs)
-        rows = [run("raw", port, pairs, messages, 0, None)]
+        rows = [run("raw", raw_port, pairs, messages, 0, raw_pid)]
         if relay is not None:
             rows.append(run("relay", port, pairs, messages, 0, relay.pid))
         rows.append(run("bridge", port, pairs, messages, 0, bridge.pid))
         top = rows[-1]["msgs_per_s"]
-        rates = sorted({args.rate, round(top * 0.25), round(top * 0.5), round(top * 0.75)})
+        half = round(top * 0.5)
+        rates = sorted({args.rate, round(top * 0.25), half, round(top * 0.75)})
         for rate in rates:
             per_sender = max(1, round(rate * seconds / senders))
-            rows.append(run("raw", port, pairs, per_sender, rate, None))
+            if not args.quick or rate == args.rate:
+                rows.append(run("raw", raw_port, pairs, per_sender, rate, raw_pid))
             if relay is not None and rate == args.rate:
                 rows.append(run("relay", port, pairs, per_sender, rate, relay.pid))
             rows.append(run("bridge", port, pairs, per_sender, rate, bridge.pid))
     finally:
-        for proc in (bridge, relay):
+        for proc in (bridge, relay, amqtt):
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
         if broker is not None:
             broker.terminate()
-    closed = {r["mode"]: r for r in rows if r["offered_rate"] == "max"}
+    if args.embedded:
+        embedded_rows = rows
+    elif not args.no_embedded:
+        embedded_rows = embedded_phase(messages, args.users, options, workdir)
+    load_after = load_average()
+    closed = closed_loop(rows)
     bridge_max, raw_max = closed["bridge"]["msgs_per_s"], closed["raw"]["msgs_per_s"]
     ratio = bridge_max / raw_max
     print(title)
+    print(f"load average before {load_before}, after {load_after} (1, 5, 15 min; {os.cpu_count()} cores)")
     print(table(rows))
+    if embedded_rows and not args.embedded:
+        print("embedded amqtt broker (`chat-bridge serve --listen`), closed loop:")
+        print(table(embedded_rows))
     print(f"closed loop: bridge {bridge_max} msg/s / raw relay {raw_max} msg/s = {ratio:.2f}")
-    result: dict[str, Any] = {"title": title, "quick": args.quick, "rows": rows, "ratio": round(ratio, 3)}
+    result: dict[str, Any] = {
+        "title": title,
+        "quick": args.quick,
+        "load_average": {"before": load_before, "after": load_after},
+        "rows": rows,
+        "embedded_rows": embedded_rows,
+        "ratio": round(ratio, 3),
+    }
     if "relay" in closed:
         relay_max = closed["relay"]["msgs_per_s"]
         result["relay_ratio"] = round(bridge_max / relay_max, 3)
@@ -351,8 +502,12 @@ def main() -> None:
         )
     print(
         f"bridge CPU per delivered chat message (closed loop): {closed['bridge']['cpu_us_per_msg']} us"
+        + f" ({', '.join(f'{k} {v}' for k, v in closed['bridge']['thread_us_per_msg'].items())})"
         + (f"; relay: {closed['relay']['cpu_us_per_msg']} us" if "relay" in closed else "")
     )
+    checked = targets(rows, embedded_rows, args.rate, half)
+    result["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in checked]
+    print_targets(checked)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     plot(rows, title, args.plot)
