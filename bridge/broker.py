@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import errno
 import hashlib
 import hmac
@@ -57,6 +58,7 @@ from amqtt.plugins.base import BasePlugin, BaseTopicPlugin
 from amqtt.utils import gen_client_id
 
 from . import passwords
+from .inprocess_transport import AckAfterCommit, CommandGate
 from .limits import OncePer, RateLimiter
 from .topics import BRIDGE_ACCOUNT, Topics, client_id_allowed, client_id_owner
 
@@ -71,6 +73,8 @@ MAX_PACKET = 131_072  # bytes of one MQTT packet from a client, as the shipped M
 # Repeated warnings (refused connections, full queues) are logged at most once a minute per key: a
 # crowd of misbehaving clients cannot flood the log.
 _LOG_LIMIT = OncePer(60_000)
+# The acknowledgement of the client publish being routed (in its client's task), for the command gate.
+_ROUTING: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("routing", default=None)
 
 
 def _now_ms() -> int:
@@ -516,9 +520,11 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         accounts: Accounts | None = None,
         caps: Caps = Caps(),
         ws_origins: tuple[str, ...] = (),
+        commands: CommandGate | None = None,
     ) -> None:
         super().__init__(config)
         self.topics = topics
+        self.commands = commands
         self.ws_origins = ws_origins
         self.accounts = accounts
         self.caps = caps
@@ -685,9 +691,10 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
     ) -> tuple[BrokerProtocolHandler, Any]:
         try:
             handler, incoming = await asyncio.wait_for(
-                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                AckAfterCommit.init_from_connect(reader, writer, self.plugins_manager),
                 self.connect_timeout,
             )
+            handler.gate = self.commands
         except TimeoutError:
             await writer.close()
             raise AMQTTError(f"no CONNECT within {self.connect_timeout:g} s") from None
@@ -784,6 +791,18 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
 
     async def _handle_message_delivery(self, client_session: Any, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()
+        deferred = isinstance(handler, AckAfterCommit) and message is not None
+        ack = handler.take_ack(message) if deferred else None
+        routing = [ack] if ack is not None else None
+        token = _ROUTING.set(routing)
+        try:
+            return await self._deliver(client_session, handler, wait_deliver, message)
+        finally:
+            _ROUTING.reset(token)
+            if routing is not None and routing[0] is not None:
+                routing[0]()  # not handed to the bridge (dropped by the rules): acknowledged, as amqtt does
+
+    async def _deliver(self, client_session: Any, handler: Any, wait_deliver: Any, message: Any) -> bool:
         packet = getattr(message, "publish_packet", None)
         user = client_session.username or None
         if (
@@ -801,6 +820,23 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                 )
             return True
         return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+
+    async def _broadcast_message(
+        self, session: Any, topic: str | None, data: Any, force_qos: int | None = None
+    ) -> None:
+        """With the bridge in this process (`commands`), commands (a client's, a will, the bridge's
+        probe) go to it through the gate, with the client's PUBACK as their acknowledgement; without
+        accounts, where anybody may read them, subscribers get them too."""
+        gate = self.commands
+        if gate is not None and topic and gate.wants(topic):
+            routing = _ROUTING.get()
+            ack = None
+            if routing is not None:
+                ack, routing[0] = routing[0], None  # handed over: the bridge acknowledges it
+            gate.offer(topic, bytes(data or b""), ack)
+            if not self.topics.open_access:
+                return
+        await super()._broadcast_message(session, topic, data, force_qos)
 
     async def _handle_disconnect(self, client_session: Any, handler: Any, disconnect_waiter: Any) -> None:
         """As amqtt's, but a will is published only where its user may publish."""
@@ -1025,6 +1061,7 @@ async def start_broker(
     topic_rules: bool = True,
     ws_listen: tuple[str, int] | None = None,
     ws_origins: tuple[str, ...] = (),
+    commands: CommandGate | None = None,
 ) -> EmbeddedBroker:
     """Starts amqtt in the running event loop (it must be built inside one).
 
@@ -1033,7 +1070,9 @@ async def start_broker(
     connect but the bridge's client ids still need `bridge_secret` (a random one if not given).
     `topic_rules=False` lets anybody publish and read anything (tests of MQTT clients only).
     `ws_listen` (host, port): also serve MQTT over WebSockets there, at `/mqtt`, to browser pages of
-    the `ws_origins` (besides same-host pages of localhost or an IP address; see `origin_allowed`)."""
+    the `ws_origins` (besides same-host pages of localhost or an IP address; see `origin_allowed`).
+    `commands`: the bridge in this process takes the commands from there (see
+    bridge/inprocess_transport.py), and a client's command is acknowledged once the bridge committed it."""
     check_port_free(host, port)
     if ws_listen is not None:
         check_port_free(*ws_listen, option="--ws-listen")
@@ -1057,6 +1096,7 @@ async def start_broker(
         accounts=accounts,
         caps=caps,
         ws_origins=ws_origins,
+        commands=commands,
     )
     try:
         await broker.start()

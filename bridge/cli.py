@@ -43,6 +43,7 @@ from .config import (
     parse_listen,
 )
 from .http import HttpServer, HttpServerError, WebConfig
+from .inprocess_transport import CommandGate, GateCommands
 from .limits import DEFAULT_MAX_EVENT, MIN_MAX_EVENT, CostBudget, RateLimiter
 from .metrics import Health, Metrics, Summary, database_probe
 from .model import User
@@ -551,9 +552,12 @@ def build_bridge(
     broker: BrokerAddress | None = None,
     publisher: Publisher | None = None,
     *,
+    commands: Transport | None = None,
     metrics: Metrics | None = None,
     health: Health | None = None,
 ) -> Bridge:
+    """The bridge on an MQTT client to `broker`, or on `commands` (the embedded broker's in-process
+    commands); `publisher` hands events to the embedded broker in-process."""
     engine = open_database(settings.database_url, background_checkpoints=True)
     service = make_service(settings, SqlUnitOfWork(engine), epoch=new_id("e"), metrics=metrics)
     if health is not None:
@@ -563,7 +567,7 @@ def build_bridge(
     address = broker or settings.broker()
     options = {"client_id": settings.client_id, "keepalive": settings.keepalive, "will": will}
     client = MqttcTransport if settings.mqtt_client == "mqttc" else PahoTransport
-    transport: Transport = client(address, topics.commands, **options)  # type: ignore[arg-type]
+    transport: Transport = commands or client(address, topics.commands, **options)  # type: ignore[arg-type]
     if publisher is not None:
         transport = InProcessEvents(transport, publisher)
     pipeline = Pipeline(
@@ -705,6 +709,7 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
     if ws is not None:
         check_port_free(*ws, option="--ws-listen")
     open_database(settings.database_url).dispose()
+    gate = CommandGate(settings.topic_prefix)
     broker = await start_broker(
         host,
         port,
@@ -714,14 +719,16 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         bridge_secret=secret,
         ws_listen=ws,
         ws_origins=settings.ws_origins,
+        commands=gate,
     )
-    # Commands still come over MQTT (an ordinary subscription, acknowledged after commit); events go
-    # straight into the broker.
+    # Commands come in-process from the broker, and the client's PUBACK waits for their commit;
+    # events go straight into the broker.
     try:
         bridge = build_bridge(
             settings,
             address,
             InProcessPublisher(broker, asyncio.get_running_loop()),
+            commands=GateCommands(gate),
             metrics=monitoring.metrics,
             health=monitoring.health,
         )

@@ -35,6 +35,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections import deque
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 BRIDGE_USER = BRIDGE_ACCOUNT  # the reserved user id whose command topic carries the probes
 PROBE = PROBE_COMMAND
 MIN_PACKET_LIMIT = 1024  # no broker is configured to take less; a smaller poison was not about size
+# For tests only: seconds the database thread waits before applying each batch of commands, a window
+# in which commands are in the bridge's hands and not committed (tests kill the process there).
+HOLD_BEFORE_APPLY = "CHAT_BRIDGE_TEST_HOLD_BEFORE_APPLY"
 
 
 class Topics(Protocol):
@@ -200,6 +204,7 @@ class Pipeline:
         self._announced = 0  # the connection (by count) announced last
         self._too_large: int | None = None  # the smallest event the broker kept disconnecting on
         self._ignored_warning = OncePer(60_000)
+        self._hold = float(os.environ.get(HOLD_BEFORE_APPLY) or 0)
         self.ready = asyncio.Event()  # online: connected, subscribed, announced
 
     # --- lifecycle -------------------------------------------------------------
@@ -395,11 +400,11 @@ class Pipeline:
         if admitted:
             items = [inbound for _, inbound in admitted]
             published, self._acknowledged = self._acknowledged, []
+            apply = partial(self.service.handle_batch, items, published, admitted=True)
+            if self._hold:
+                apply = partial(self._held, apply, len(items))
             try:
-                batch = await self._retrying(
-                    partial(self.service.handle_batch, items, published, admitted=True),
-                    partial(self.service.internal_errors, items),
-                )
+                batch = await self._retrying(apply, partial(self.service.internal_errors, items))
             except _Abandoned:
                 self._acknowledged.extend(published)
                 raise
@@ -413,6 +418,12 @@ class Pipeline:
             self._ack([cmd for cmd, _ in refused], [])
             if answers:
                 self._send(Batch("", answers, encode(answers, "")))
+
+    def _held(self, apply: Callable[[], Batch], count: int) -> Batch:
+        """On the database thread, tests only: waits `HOLD_BEFORE_APPLY` seconds, then applies."""
+        log.warning("test hold: %d command(s) wait %gs before they are applied", count, self._hold)
+        time.sleep(self._hold)
+        return apply()
 
     def _ack(self, commands: list[Command], inbound: list[Inbound]) -> None:
         for cmd in commands:

@@ -1,0 +1,221 @@
+"""Commands from the embedded broker to the pipeline in-process, acknowledged to the client after commit.
+
+With `chat-bridge serve` (no `--broker-url`) broker and bridge are one process: a command amqtt
+acknowledged and the bridge had not committed yet would die with them in a crash. So here the PUBACK
+to the publishing client is the bridge's acknowledgement, the same meaning as with an external broker
+and the bridge's own persistent session: a command acknowledged is committed; one not acknowledged is
+sent again by the client's library after it reconnects.
+
+- `AckAfterCommit`, amqtt's protocol handler for one client connection, queues a QoS 1 publish to a
+  command topic for delivery without the PUBACK amqtt would send at once; the PUBACK leaves when the
+  pipeline acknowledges the command, and PUBACKs leave in the order the publishes arrived (MQTT 3.1.1
+  section 4.6), several in one write.
+- `CommandGate` is where the broker puts the commands it routes (after its topic rules and its flood
+  guard; last wills too) and where the pipeline takes them, in order, a burst at a time; commands that
+  arrive before the pipeline started wait there (the pipeline's probe marks their end, as with a
+  broker's queued backlog). The broker acknowledges at once what it does not hand over (a command
+  its rules drop), as amqtt would.
+- `GateCommands` is the pipeline's side, a `Transport` for the commands; events go straight to the
+  broker through `runtime.InProcessEvents` (the probe too, which the broker routes back through the
+  gate behind the commands before it).
+
+The pipeline may run on another event loop (another thread) than the broker: commands are handed
+over with `call_soon_threadsafe`, and acknowledgements back the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from amqtt.errors import AMQTTError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import INCOMING
+
+from .transport import Command, Event, Listener
+
+log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Pending:
+    """One QoS 1 command publish of a connection, waiting for its acknowledgement."""
+
+    __slots__ = ("acked", "handler", "packet_id")
+
+    def __init__(self, handler: AckAfterCommit, packet_id: int) -> None:
+        self.handler = handler
+        self.packet_id = packet_id
+        self.acked = False
+
+    def __call__(self) -> None:
+        self.handler._acked(self)
+
+
+class AckAfterCommit(BrokerProtocolHandler):  # type: ignore[misc]
+    """amqtt's handler, but a QoS 1 publish to a command topic (`gate.wants`) is acknowledged only when
+    the acknowledgement `take_ack` returns for it is called (on the broker's loop)."""
+
+    gate: CommandGate | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unacked: deque[_Pending] = deque()  # in the order the publishes arrived
+        self._by_message: dict[int, tuple[Any, _Pending]] = {}  # id(message) -> (message, its ack)
+        self._pubacks: list[int] = []
+        self._writing = False
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        gate = self.gate
+        if gate is None or app_message.direction != INCOMING or not gate.wants(app_message.topic):
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        if app_message.packet_id is None or self.session is None:
+            raise AMQTTError("a QoS 1 publish without a packet id, or without a session")
+        pending = _Pending(self, app_message.packet_id)
+        self._unacked.append(pending)
+        # the message is kept here until delivered, so its id() is not reused meanwhile
+        self._by_message[id(app_message)] = (app_message, pending)
+        await self.session.delivered_message_queue.put(app_message)
+
+    def take_ack(self, message: Any) -> Callable[[], None] | None:
+        """The acknowledgement of a message taken from the delivery queue (None: not deferred)."""
+        entry = self._by_message.pop(id(message), None)
+        return entry[1] if entry is not None and entry[0] is message else None
+
+    def _acked(self, pending: _Pending) -> None:
+        if pending.acked:
+            return
+        pending.acked = True
+        unacked, ready = self._unacked, self._pubacks
+        while unacked and unacked[0].acked:
+            ready.append(unacked.popleft().packet_id)
+        if ready and not self._writing:
+            self._writing = True
+            asyncio.get_running_loop().create_task(self._write_pubacks())
+
+    async def _write_pubacks(self) -> None:
+        try:
+            while self._pubacks and self.writer is not None:
+                ids, self._pubacks = self._pubacks, []
+                data = b"".join(b"\x40\x02" + pid.to_bytes(2, "big") for pid in ids)
+                async with self._write_lock:
+                    self.writer.write(data)
+                    await self.writer.drain()
+        except Exception as exc:  # the connection is gone: the client sends them again
+            log.debug("PUBACKs not written: %s", exc)
+        finally:
+            self._pubacks.clear()
+            self._writing = False
+
+
+class CommandGate:
+    """The embedded broker's commands, on their way to the pipeline; see the module docstring."""
+
+    def __init__(self, prefix: str) -> None:
+        self._head = f"{prefix}/users/"
+        self._lock = threading.Lock()
+        self._buffer: list[Command] = []
+        self._listener: Listener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the pipeline's
+        self._scheduled = False
+
+    def wants(self, topic: str) -> bool:
+        """Whether the topic is one the bridge takes: `{prefix}/users/+/commands/+`."""
+        if not topic.startswith(self._head):
+            return False
+        parts = topic[len(self._head) :].split("/")
+        return len(parts) == 3 and parts[1] == "commands"
+
+    # --- the broker's side (on its loop) -------------------------------------------------
+
+    def offer(self, topic: str, payload: bytes, ack: Callable[[], None] | None) -> None:
+        """A command routed by the broker; `ack` (on the broker's loop) sends its PUBACK."""
+        if ack is None:
+            ack = _nothing
+        else:
+            broker_loop = asyncio.get_running_loop()
+            if broker_loop is not self._loop:
+                ack = _threadsafe(broker_loop, ack)
+        with self._lock:
+            self._buffer.append(Command(topic, payload, False, ack))
+            due = self._loop is not None and not self._scheduled
+            if due:
+                self._scheduled = True
+            loop = self._loop
+        if due and loop is not None:
+            if loop is _running_loop():
+                loop.call_soon(self._flush)
+            else:
+                loop.call_soon_threadsafe(self._flush)
+
+    # --- the pipeline's side (on its loop) -----------------------------------------------
+
+    def attach(self, listener: Listener) -> None:
+        with self._lock:
+            self._listener = listener
+            self._loop = asyncio.get_running_loop()
+            self._scheduled = True
+        listener.connected()
+        self._loop.call_soon(self._flush)
+
+    def detach(self) -> None:
+        with self._lock:
+            self._listener = None
+            self._loop = None
+
+    def _flush(self) -> None:
+        with self._lock:
+            commands, self._buffer = self._buffer, []
+            self._scheduled = False
+            listener = self._listener
+        if commands and listener is not None:
+            listener.received(commands)
+        elif commands:  # detached meanwhile: they wait, unacknowledged
+            with self._lock:
+                self._buffer[:0] = commands
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, ack: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        with contextlib.suppress(RuntimeError):  # the broker's loop is closed: nothing to acknowledge
+            loop.call_soon_threadsafe(ack)
+
+    return call
+
+
+class GateCommands:
+    """The commands side of the in-process transport (wrap it in `runtime.InProcessEvents`)."""
+
+    def __init__(self, gate: CommandGate) -> None:
+        self.gate = gate
+
+    def start(self, listener: Listener) -> None:
+        self.gate.attach(listener)
+
+    def publish(self, event: Event) -> asyncio.Future[None]:  # pragma: no cover - InProcessEvents publishes
+        raise NotImplementedError("events go to the broker through InProcessEvents")
+
+    def resubscribe(self) -> None:
+        """Nothing to subscribe to: the broker hands every command over."""
+
+    def reconnect(self) -> None:
+        """Nothing to reconnect."""
+
+    async def close(self, farewell: Event | None = None) -> None:
+        self.gate.detach()
