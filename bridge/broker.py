@@ -60,6 +60,7 @@ from amqtt.utils import gen_client_id
 from . import passwords
 from .inprocess_transport import AckAfterCommit, CommandGate
 from .limits import OncePer, RateLimiter
+from .netaddr import address_key
 from .topics import BRIDGE_ACCOUNT, Topics, client_id_allowed, client_id_owner
 
 log = logging.getLogger(__name__)
@@ -375,23 +376,6 @@ class Caps:
     session_expiry: int = 7 * 24 * 3600  # seconds a disconnected persistent session is kept
     offline_queue: int = 1000  # messages queued for one disconnected persistent session
     max_keepalive: int = 300  # a keepalive of 0 or above this counts as this (the watchdog)
-
-
-def address_key(address: str) -> str:
-    """What the throttle and the connection caps count a peer address as: an IPv6 address by its /64
-    (one subscriber's prefix: its addresses cost nothing to change), an IPv4-mapped one as IPv4."""
-    if ":" not in address:
-        return address
-    try:
-        packed = socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0])
-    except OSError:
-        return address
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
-
-
-_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 class _Buckets(OrderedDict[Any, tuple[float, int]]):

@@ -1,32 +1,54 @@
 """The bridge's HTTP server (`--http-listen`): `/healthz`, `/metrics`, and the browser client at `/`
 with its `/config.json` (where the page finds the broker's WebSocket listener).
 
-A small threaded server from the standard library, in daemon threads of its own: it never touches
-the bridge's worker or the broker's event loop. Static files come from bridge/web/ only (no
-directory listings, no hidden files, nothing outside it), each with its content type, an ETag and a
-Content-Security-Policy that allows no inline script or style.
+An asyncio server on an event loop of its own, in a thread of its own: it never touches the bridge's
+worker or the broker's event loop, so /healthz still answers (503) when that loop is stuck. A
+connection costs no thread, and nobody can hold one for long: a request's line and headers must
+arrive within `REQUEST_TIMEOUT` seconds (from the connection's start or the previous response) and
+fit in `MAX_HEAD` bytes, a response must be taken within `WRITE_TIMEOUT`; at most `MAX_CONNECTIONS`
+are open, `MAX_PER_ADDRESS` from one address (IPv6: its /64), and a new one beyond either closes the
+least recently active one (of that address, or of all), so the monitor's fresh request gets through
+a crowd of idle ones. `/healthz` and `/metrics` run on `WORKERS` threads (they may wait for the
+database probe). Only GET and HEAD, without a body.
+
+Static files come from bridge/web/ only (no directory listings, no hidden files, nothing outside
+it), each with its content type, an ETag and a Content-Security-Policy that allows no inline script
+or style.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import email.utils
 import hashlib
 import json
 import logging
 import re
 import socket
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .metrics import Health, Metrics
+from .netaddr import address_key
 
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent / "web"
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+REQUEST_TIMEOUT = 10.0  # seconds for a request's line and headers (after connecting or a response)
+WRITE_TIMEOUT = 30.0  # seconds for a client to take one response
+MAX_HEAD = 16_384  # bytes of a request's line and headers
+MAX_HEADERS = 100
+MAX_CONNECTIONS = 512  # open at once; a new one beyond closes the least recently active
+MAX_PER_ADDRESS = 64  # open from one address (IPv6: its /64), likewise
+WORKERS = 4  # threads for /healthz and /metrics
+CHUNK = 65_536  # bytes written before waiting for the client to take them
 
 # The types of what bridge/web/ holds, independent of the host's mime.types; anything else is bytes.
 CONTENT_TYPES = {
@@ -86,109 +108,113 @@ def _url_host(host: str) -> str:
     return host
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = 10  # a client that sends nothing does not hold a thread for long
-    protocol_version = "HTTP/1.1"
+class _Bad(Exception):
+    """A request answered with `status` and then the connection closed."""
 
-    def version_string(self) -> str:
-        return "chat-bridge"
-
-    def do_HEAD(self) -> None:
-        self._serve(head=True)
-
-    def do_GET(self) -> None:
-        self._serve(head=False)
-
-    def _serve(self, *, head: bool) -> None:
-        path = urlsplit(self.path).path
-        if path == "/healthz":
-            healthy, body = self.server.health.report()
-            status = HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE
-            self._send(status, "application/json", json.dumps(body).encode() + b"\n", head)
-        elif path == "/metrics":
-            self.server.health.report()  # refreshes the gauges read from the database
-            self._send(HTTPStatus.OK, PROMETHEUS_TEXT, self.server.metrics.exposition(), head)
-        elif path == "/config.json":
-            self._send(HTTPStatus.OK, "application/json", self._config(), head)
-        else:
-            self._static(path, head)
-
-    def _config(self) -> bytes:
-        """Where the page finds the broker: the WebSocket listener's port on the host the browser
-        reached this server by (so that a page opened as http://192.0.2.7:8080/ connects to
-        ws://192.0.2.7:9001/mqtt), or null when the bridge uses an external broker."""
-        web, ws = self.server.web, self.server.ws_address
-        ws_url = None
-        if ws is not None:
-            ws_host, ws_port = ws
-            fallback = ws_host if ws_host not in ("", "0.0.0.0", "::") else self.server.server_address[0]
-            host = _hostname(self.headers.get("Host"), _url_host(str(fallback)))
-            ws_url = f"ws://{host}:{ws_port}{web.ws_path}"
-        body = {"ws_url": ws_url, "prefix": web.prefix, "accounts": web.accounts, "protocol": "1.1"}
-        return json.dumps(body).encode() + b"\n"
-
-    def _static(self, path: str, head: bool) -> None:
-        root = self.server.web_root
-        relative = unquote(path).lstrip("/") or "index.html"
-        try:
-            target = (root / relative).resolve()
-            inside = (
-                target.is_relative_to(root)
-                and not any(part.startswith(".") for part in target.relative_to(root).parts)
-                and target.is_file()
-            )
-        except (OSError, ValueError):
-            inside = False
-        if not inside:
-            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n", head)
-            return
-        body = target.read_bytes()
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-        kind = CONTENT_TYPES.get(target.suffix.lower(), "application/octet-stream")
-        if etag in (self.headers.get("If-None-Match") or ""):
-            self._send(HTTPStatus.NOT_MODIFIED, kind, b"", True, etag=etag)
-            return
-        self._send(HTTPStatus.OK, kind, body, head, etag=etag)
-
-    def _send(
-        self, status: HTTPStatus, kind: str, body: bytes, head: bool, *, etag: str | None = None
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        if status != HTTPStatus.NOT_MODIFIED:
-            self.send_header("Content-Length", str(len(body)))
-        if etag:
-            # the page's files keep their names from one release to the next: revalidate each time
-            self.send_header("ETag", etag)
-            self.send_header("Cache-Control", "no-cache")
-        else:
-            self.send_header("Cache-Control", "no-store")
-        self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    def __init__(self, status: HTTPStatus, why: str) -> None:
+        super().__init__(why)
+        self.status = status
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+@dataclass
+class _Request:
+    method: str
+    path: str
+    version: str
+    headers: dict[str, str]
 
-    def __init__(
-        self, address: tuple[str, int], health: Health, metrics: Metrics, web_root: Path, web: WebConfig
-    ) -> None:
-        self.health = health
-        self.metrics = metrics
-        self.web_root = web_root.resolve()
-        self.web = web
-        self.ws_address: tuple[str, int] | None = None
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+    @property
+    def keep_alive(self) -> bool:
+        connection = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in connection
+        return "close" not in connection
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _parse(head: bytes) -> _Request:
+    """The request line and headers (`head` ends with the empty line)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover (latin-1 decodes any byte)
+        raise _Bad(HTTPStatus.BAD_REQUEST, "undecodable") from None
+    lines = text.split("\r\n")[:-2]
+    while lines and lines[0] == "":  # tolerated before a request line (RFC 9112, 2.2)
+        lines.pop(0)
+    if not lines:
+        raise _Bad(HTTPStatus.BAD_REQUEST, "no request line")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
+        raise _Bad(HTTPStatus.BAD_REQUEST, "bad request line")
+    method, target, version = parts
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _Bad(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"version {version[:20]!r}")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise _Bad(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise _Bad(HTTPStatus.BAD_REQUEST, "bad header line")
+        name = name.lower()
+        if name in headers and name in ("host", "content-length", "transfer-encoding"):
+            raise _Bad(HTTPStatus.BAD_REQUEST, f"two {name} headers")
+        headers[name] = value.strip() if name not in headers else f"{headers[name]}, {value.strip()}"
+    if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+        raise _Bad(HTTPStatus.BAD_REQUEST, "a request with a body")
+    if method not in ("GET", "HEAD"):
+        raise _Bad(HTTPStatus.NOT_IMPLEMENTED, f"method {method[:20]!r}")
+    return _Request(method, target, version, headers)
+
+
+class _Connection:
+    __slots__ = ("address", "writer")
+
+    def __init__(self, address: str, writer: asyncio.StreamWriter) -> None:
+        self.address, self.writer = address, writer
+
+    def close(self) -> None:
+        transport = self.writer.transport
+        if not transport.is_closing():
+            transport.abort()
+
+
+class _Connections:
+    """The open connections, least recently active first, overall and per address: admitting one
+    beyond a cap closes the least recently active one there. O(1) each."""
+
+    def __init__(self) -> None:
+        self.all: OrderedDict[_Connection, None] = OrderedDict()
+        self.by_address: dict[str, OrderedDict[_Connection, None]] = {}
+        self.evicted = 0
+
+    def admit(self, conn: _Connection, max_total: int, max_per_address: int) -> None:
+        mine = self.by_address.setdefault(conn.address, OrderedDict())
+        while len(mine) >= max_per_address:
+            self._evict(next(iter(mine)))
+        while len(self.all) >= max_total:
+            self._evict(next(iter(self.all)))
+        self.all[conn] = None
+        mine[conn] = None
+
+    def touch(self, conn: _Connection) -> None:
+        if conn in self.all:
+            self.all.move_to_end(conn)
+            self.by_address[conn.address].move_to_end(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        if self.all.pop(conn, 0) is None:
+            mine = self.by_address[conn.address]
+            del mine[conn]
+            if not mine:
+                del self.by_address[conn.address]
+
+    def _evict(self, conn: _Connection) -> None:
+        self.forget(conn)
+        conn.close()
+        self.evicted += 1
 
 
 class HttpServer:
@@ -211,32 +237,212 @@ class HttpServer:
         web: WebConfig | None = None,
         ws_address: tuple[str, int] | None = None,
     ) -> None:
+        self.health = health
+        self.metrics = metrics
+        self.web_root = web_root.resolve()
+        self.web = web or WebConfig()
+        self.ws_address = ws_address
         try:
-            self._server = _Server((host, port), health, metrics, web_root, web or WebConfig())
-            self._server.ws_address = ws_address
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._sock = socket.create_server((host, port), family=family, backlog=128)
         except OSError as exc:
             raise HttpServerError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
-
-    @property
-    def ws_address(self) -> tuple[str, int] | None:
-        return self._server.ws_address
-
-    @ws_address.setter
-    def ws_address(self, address: tuple[str, int] | None) -> None:
-        self._server.ws_address = address
+        self._connections = _Connections()
+        self._files: dict[Path, tuple[int, int, bytes, str]] = {}  # path -> mtime, size, body, etag
+        self._workers = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="http-health")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
+        host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
     def start(self) -> None:
         self._thread.start()
+        self._ready.wait(10)
         host, port = self.address
         log.info("HTTP on http://%s:%d/ (the browser client; /healthz, /metrics)", _url_host(host), port)
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+        if self._loop is not None and self._stopping is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stopping.set)
+            self._thread.join(10)
+        self._sock.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    # -- the event loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._serve, sock=self._sock, limit=MAX_HEAD)
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            server.close()
+            for conn in list(self._connections.all):
+                conn.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        conn = _Connection(address_key(str(peer[0])), writer)
+        self._connections.admit(conn, MAX_CONNECTIONS, MAX_PER_ADDRESS)
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    return
+                except asyncio.LimitOverrunError:
+                    await self._respond(
+                        writer, *_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE), close=True
+                    )
+                    return
+                try:
+                    request = _parse(head)
+                except _Bad as bad:
+                    log.debug("%s: %s", peer[0], bad)
+                    await self._respond(writer, *_error(bad.status), close=True)
+                    return
+                status, headers, body = await self._answer(request)
+                keep = request.keep_alive
+                log.debug("%s %s %s %d", peer[0], request.method, request.path[:200], status)
+                if not await self._respond(
+                    writer, status, headers, b"" if request.method == "HEAD" else body, close=not keep
+                ):
+                    return
+                if not keep:
+                    return
+                self._connections.touch(conn)
+        except Exception:  # one request must never take the server down
+            log.exception("HTTP request from %s failed", peer[0])
+        finally:
+            self._connections.forget(conn)
+            conn.close()
+
+    async def _respond(
+        self,
+        writer: asyncio.StreamWriter,
+        status: HTTPStatus,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        close: bool,
+    ) -> bool:
+        """Writes a response within WRITE_TIMEOUT; False when the client did not take it."""
+        lines = [f"HTTP/1.1 {status.value} {status.phrase}", "Server: chat-bridge"]
+        lines.append(f"Date: {email.utils.formatdate(usegmt=True)}")
+        lines += [f"{name}: {value}" for name, value in headers]
+        if close:
+            lines.append("Connection: close")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+        async def write() -> None:
+            writer.write(data)
+            view = memoryview(body)
+            for at in range(0, len(view), CHUNK):
+                await writer.drain()
+                writer.write(view[at : at + CHUNK])
+            await writer.drain()
+
+        try:
+            await asyncio.wait_for(write(), WRITE_TIMEOUT)
+        except (TimeoutError, ConnectionError):
+            return False
+        return True
+
+    # -- what is served ----------------------------------------------------------------------
+
+    async def _answer(self, request: _Request) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
+        path = urlsplit(request.path).path
+        loop = asyncio.get_running_loop()
+        if path == "/healthz":
+            healthy, report = await loop.run_in_executor(self._workers, self.health.report)
+            status = HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE
+            return _reply(status, "application/json", json.dumps(report).encode() + b"\n")
+        if path == "/metrics":
+            body = await loop.run_in_executor(self._workers, self._metrics)
+            return _reply(HTTPStatus.OK, PROMETHEUS_TEXT, body)
+        if path == "/config.json":
+            return _reply(HTTPStatus.OK, "application/json", self._config(request.headers.get("host")))
+        return self._static(path, request.headers.get("if-none-match") or "")
+
+    def _metrics(self) -> bytes:
+        self.health.report()  # refreshes the gauges read from the database
+        return self.metrics.exposition()
+
+    def _config(self, host_header: str | None) -> bytes:
+        """Where the page finds the broker: the WebSocket listener's port on the host the browser
+        reached this server by (so that a page opened as http://192.0.2.7:8080/ connects to
+        ws://192.0.2.7:9001/mqtt), or null when the bridge uses an external broker."""
+        web, ws = self.web, self.ws_address
+        ws_url = None
+        if ws is not None:
+            ws_host, ws_port = ws
+            fallback = ws_host if ws_host not in ("", "0.0.0.0", "::") else self.address[0]
+            host = _hostname(host_header, _url_host(str(fallback)))
+            ws_url = f"ws://{host}:{ws_port}{web.ws_path}"
+        body = {"ws_url": ws_url, "prefix": web.prefix, "accounts": web.accounts, "protocol": "1.1"}
+        return json.dumps(body).encode() + b"\n"
+
+    def _static(self, path: str, if_none_match: str) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
+        root = self.web_root
+        relative = unquote(path).lstrip("/") or "index.html"
+        try:
+            target = (root / relative).resolve()
+            inside = (
+                target.is_relative_to(root)
+                and not any(part.startswith(".") for part in target.relative_to(root).parts)
+                and target.is_file()
+            )
+            if inside:
+                body, etag = self._file(target)
+        except (OSError, ValueError):
+            inside = False
+        if not inside:
+            return _reply(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
+        kind = CONTENT_TYPES.get(target.suffix.lower(), "application/octet-stream")
+        if etag in if_none_match:
+            return _reply(HTTPStatus.NOT_MODIFIED, kind, b"", etag=etag)
+        return _reply(HTTPStatus.OK, kind, body, etag=etag)
+
+    def _file(self, target: Path) -> tuple[bytes, str]:
+        """A file's bytes and ETag, hashed once per version of it (not once per request)."""
+        stat = target.stat()
+        cached = self._files.get(target)
+        if cached is not None and cached[:2] == (stat.st_mtime_ns, stat.st_size):
+            return cached[2], cached[3]
+        body = target.read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        self._files[target] = (stat.st_mtime_ns, stat.st_size, body, etag)
+        return body, etag
+
+
+def _reply(
+    status: HTTPStatus, kind: str, body: bytes, *, etag: str | None = None
+) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
+    headers = [("Content-Type", kind)]
+    if status != HTTPStatus.NOT_MODIFIED:
+        headers.append(("Content-Length", str(len(body))))
+    if etag:
+        # the page's files keep their names from one release to the next: revalidate each time
+        headers += [("ETag", etag), ("Cache-Control", "no-cache")]
+    else:
+        headers.append(("Cache-Control", "no-store"))
+    headers += [
+        ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),
+    ]
+    return status, headers, body
+
+
+def _error(status: HTTPStatus) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
+    return _reply(status, "text/plain; charset=utf-8", f"{status.value} {status.phrase}\n".encode())
