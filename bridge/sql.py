@@ -1011,6 +1011,9 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # The journal of a transaction's savepoints (one per command) stays in memory instead of
+            # spilling into a temporary file once it outgrows 64 KiB (large batches, long bodies).
+            cur.execute("PRAGMA temp_store=MEMORY")
             if checkpointing:
                 cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
