@@ -7,6 +7,7 @@ the committed files drift.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -73,8 +74,13 @@ PageLimit = Annotated[int, Field(ge=1, le=MAX_PAGE, description="at most this ma
 
 def iso_ms(ms: int) -> str:
     """Milliseconds since the epoch as the protocol's timestamp."""
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _iso_second(second: int) -> str:
+    # Every event carries the time: formatted once per second, not per event.
+    return datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def ms_of(moment: datetime) -> int:
