@@ -6,12 +6,15 @@ What it does, and why it is this way:
   `mqtt_codec`; outgoing packets written in one loop iteration leave in one
   `write` (one system call), and TCP_NODELAY is set so they leave at once.
 - `publish()` returns a future: QoS 0 completes when written, QoS 1 when the
-  broker's PUBACK arrives. At most `window` QoS 1 publishes are in flight;
-  the rest wait here, in order, and are sent as acknowledgements free the
-  window. In-flight publishes live in a dict keyed by packet id, so a PUBACK
-  costs O(1) whatever the window. A publish whose packet would exceed
-  `max_packet_size` fails at once with `PacketTooLarge` (a broker with a
-  lower limit would drop the connection, or the message, silently).
+  broker's PUBACK arrives. `publish_then()` takes a callback instead, called
+  at once when the PUBACK is handled (no future, no extra loop iteration:
+  the bridge's hot path), and on the next iteration with the error. At most
+  `window` QoS 1 publishes are in flight; the rest wait here, in order, and
+  are sent as acknowledgements free the window. In-flight publishes live in
+  a dict keyed by packet id, so a PUBACK costs O(1) whatever the window. A
+  publish whose packet would exceed `max_packet_size` fails at once with
+  `PacketTooLarge` (a broker with a lower limit would drop the connection,
+  or the message, silently).
 - Received QoS 1 publishes are acknowledged only when the application calls
   `ack(message)`, and the PUBACKs go out in the order the publishes arrived
   (MQTT 3.1.1 section 4.6): an early `ack` waits for the ones before it.
@@ -91,12 +94,41 @@ class Message:
     _acked: bool = False
 
 
+class _Then:
+    """A publish's completion as a callback (`Client.publish_then`), in the part of a future's interface
+    the client uses: success calls it at once, an error on the next loop iteration (as a future's
+    callbacks would run), so that it never runs inside `publish()` itself."""
+
+    __slots__ = ("_callback", "_done")
+
+    def __init__(self, callback: Callable[[BaseException | None], object]) -> None:
+        self._callback = callback
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, _result: None) -> None:
+        self._done = True
+        try:
+            self._callback(None)
+        except Exception:
+            log.exception("a publish callback failed")
+
+    def set_exception(self, error: BaseException) -> None:
+        self._done = True
+        asyncio.get_running_loop().call_soon(self._callback, error)
+
+
 @dataclass(slots=True, eq=False)
 class _Outgoing:
     topic: bytes
     payload: bytes
     retain: bool
-    future: asyncio.Future[None]
+    future: asyncio.Future[None] | _Then
     packet: bytes = b""  # once sent: the PUBLISH as sent (re-sent with DUP after a reconnect)
 
 
@@ -230,6 +262,7 @@ class Client:
         self._in_flight: dict[int, _Outgoing] = {}  # sent, awaiting PUBACK, oldest first
         self._waiting: deque[_Outgoing] = deque()  # beyond the window, not yet sent
         self._requests: dict[int, tuple[int, asyncio.Future[list[int]]]] = {}  # SUBSCRIBE/UNSUBSCRIBE
+        self._topics: dict[str, bytes] = {}  # topics checked and encoded, the latest few thousand
         self._next_id = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -419,11 +452,34 @@ class Client:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> asyncio.Future[None]:
         """Sends (or queues) a publish; the future completes when it is written (QoS 0) or acknowledged."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        try:
-            raw_topic = codec.topic_bytes(topic)
-        except ValueError as exc:
-            future.set_exception(self.publish_invalid(str(exc)))
-            return future
+        self._publish(topic, payload, qos, retain, future)
+        return future
+
+    def publish_then(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        callback: Callable[[BaseException | None], object],
+    ) -> None:
+        """As `publish`, but `callback(None)` runs as soon as the publish is acknowledged (written, QoS 0),
+        and `callback(error)` on the next loop iteration when it fails (the errors of `publish`)."""
+        self._publish(topic, payload, qos, retain, _Then(callback))
+
+    def _publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, future: asyncio.Future[None] | _Then
+    ) -> None:
+        raw_topic = self._topics.get(topic)
+        if raw_topic is None:
+            try:
+                raw_topic = codec.topic_bytes(topic)
+            except ValueError as exc:
+                future.set_exception(self.publish_invalid(str(exc)))
+                return
+            if len(self._topics) >= 4096:
+                self._topics.clear()
+            self._topics[topic] = raw_topic
         size = len(raw_topic) + len(payload) + (4 if qos else 2)
         # + the fixed header: one byte and the remaining length's one to four
         size += 2 if size < 128 else 3 if size < 16_384 else 4 if size < 2_097_152 else 5
@@ -433,7 +489,7 @@ class Client:
                     f"a publish of {size} bytes exceeds the limit of {self.max_packet_size}"
                 )
             )
-            return future
+            return
         conn = self._conn
         if qos == 0:
             if conn is None or not conn.up:
@@ -441,19 +497,18 @@ class Client:
             else:
                 self._send(conn, codec.encode_publish(raw_topic, payload, 0, retain))
                 future.set_result(None)
-            return future
+            return
         if qos != 1:
             future.set_exception(self.publish_invalid("this client publishes at QoS 0 or 1"))
-            return future
+            return
         if not self.resend_on_reconnect and (conn is None or not conn.up):
             future.set_exception(self.publish_not_connected("not connected"))
-            return future
+            return
         item = _Outgoing(raw_topic, payload, retain, future)
         if conn is not None and conn.up and not self._waiting and len(self._in_flight) < self.window:
             self._send_item(conn, item)
         else:
             self._waiting.append(item)
-        return future
 
     def _send_item(self, conn: _Connection, item: _Outgoing) -> None:
         pid = self._packet_id()

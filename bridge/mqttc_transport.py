@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import ssl as ssl_module
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from . import mqtt_client as mc
@@ -115,6 +115,10 @@ class MqttcTransport:
 
     def publish(self, event: Event) -> asyncio.Future[None]:
         return self.client.publish(event.topic, event.payload, event.qos, event.retain)
+
+    def publish_then(self, event: Event, done: Callable[[BaseException | None], object]) -> None:
+        """`publish` without a future: `done(None)` once the broker took it, `done(error)` when not."""
+        self.client.publish_then(event.topic, event.payload, event.qos, event.retain, done)
 
     def resubscribe(self) -> None:
         self._subscribe()

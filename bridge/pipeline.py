@@ -522,6 +522,8 @@ class Pipeline:
     def _flush(self) -> None:
         """Hands every unsent event to the transport, oldest first."""
         publish, done, now = self.transport.publish, self._done, self.clock()
+        publish_then = getattr(self.transport, "publish_then", None)  # no future per event
+        outcome = self._outcome
         while self._unsent and self._connected:
             item = self._unsent.popleft()
             if self._too_large is not None and _size(item.event) >= self._too_large:
@@ -530,10 +532,15 @@ class Pipeline:
                 )
                 continue
             item.sent_at = now
-            publish(item.event).add_done_callback(partial(done, item))
+            if publish_then is not None:
+                publish_then(item.event, partial(outcome, item))
+            else:
+                publish(item.event).add_done_callback(partial(done, item))
 
     def _done(self, item: _Item, future: asyncio.Future[None]) -> None:
-        exc = future.exception()
+        self._outcome(item, future.exception())
+
+    def _outcome(self, item: _Item, exc: BaseException | None) -> None:
         if exc is None:
             self.status.events_published += 1
             self._taken(item)

@@ -21,8 +21,9 @@ Publisher = Callable[[list[tuple[str, bytes, bool]]], "concurrent.futures.Future
 
 
 class InProcessEvents:
-    """Commands over MQTT through `commands` (any transport: acknowledged after commit, like any);
-    events handed straight to the embedded broker, in order, one hand-over per burst of events."""
+    """Commands through `commands` (the embedded broker's in-process gate, or an MQTT transport; either
+    acknowledges after commit); events handed straight to the embedded broker, in order, one
+    hand-over per burst of events."""
 
     def __init__(self, commands: Transport, publisher: Publisher) -> None:
         self.commands = commands

@@ -17,6 +17,9 @@ The meaning every adapter keeps:
   event aside that keeps costing the connection). It fails with
   `EventRefused` when the event can never be delivered (too large for the
   broker, refused by it): the pipeline sets it aside at once.
+- A transport may also offer `publish_then(event, done)`, the same without a
+  future: `done(None)` when the broker took the event, `done(error)` (on a
+  later loop iteration) when not; the pipeline uses it where it exists.
 - The transport connects, reconnects with backoff and subscribes to the
   command filter by itself; it reports each (re)connection and each loss to
   its `Listener`, on the event loop's thread.

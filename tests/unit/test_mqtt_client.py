@@ -310,3 +310,34 @@ def test_a_callback_error_does_not_break_the_connection() -> None:
         await broker.stop()
 
     run(scenario())
+
+
+def test_publish_then_calls_back_at_the_puback_and_later_with_an_error() -> None:
+    async def scenario() -> None:
+        broker = await FakeBroker(puback=False).start()
+        cl = client(broker, resend_on_reconnect=False, max_packet_size=100)
+        await cl.connect()
+        outcomes: list[tuple[str, object]] = []
+        for name in ("a", "b"):
+            cl.publish_then("t", name.encode(), 1, False, lambda e, name=name: outcomes.append((name, e)))
+        await broker.until(lambda: len(broker.of(c.Publish)) == 2)
+        pids = [p.packet_id for p in broker.of(c.Publish) if isinstance(p, c.Publish)]
+        broker.send(c.encode_puback(pids[1]))
+        while not outcomes:
+            await asyncio.sleep(0.001)
+        assert outcomes == [("b", None)]  # in any order, the right one
+        cl.publish_then("t", b"x" * 95, 1, False, lambda e: outcomes.append(("big", e)))
+        assert len(outcomes) == 1  # an error is never reported inside publish_then
+        await asyncio.sleep(0)
+        assert isinstance(outcomes[1][1], PacketTooLarge)
+        cl.publish_then("t", b"boom", 1, False, lambda e: 1 / 0)  # a failing callback breaks nothing
+        await broker.until(lambda: len(broker.of(c.Publish)) == 3)
+        pid = [p.packet_id for p in broker.of(c.Publish) if isinstance(p, c.Publish)][2]
+        broker.send(c.encode_puback(pid) + c.encode_puback(pids[0]))
+        while len(outcomes) < 3:
+            await asyncio.sleep(0.001)
+        assert outcomes[2] == ("a", None) and cl.connected
+        await cl.stop()
+        await broker.stop()
+
+    run(scenario())
