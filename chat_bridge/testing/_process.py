@@ -84,6 +84,85 @@ def wait_online(
         mqtt.disconnect()
 
 
+class _StatusWatch:
+    """A subscription to `{prefix}/bridge/status`, made before a bridge starts on a broker that is
+    already running: what was retained there then (another bridge's status, or a stopped one's), and
+    the statuses published after it."""
+
+    def __init__(
+        self, host: str, port: int, *, prefix: str, username: str | None, password: str | None
+    ) -> None:
+        self.host, self.port, self.topic = host, port, f"{prefix}/bridge/status"
+        self.retained: dict[str, Any] | None = None
+        self._statuses: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        self._settled = threading.Event()  # everything retained at subscription time has arrived
+        self._refused: str | None = None
+        client_id = f"{username or 'chat-probe'}:probe-{secrets.token_hex(6)}"
+        self._mqtt = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        if username is not None:
+            self._mqtt.username_pw_set(username, password)
+        self._mqtt.on_connect = self._on_connect
+        self._mqtt.on_unsubscribe = lambda *_: self._settled.set()
+        self._mqtt.on_message = self._on_message
+
+    def _on_connect(self, c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
+        if getattr(reason, "is_failure", False):
+            self._refused = str(reason)
+            self._settled.set()
+            return
+        c.subscribe(self.topic, 1)
+        # the broker answers in order: once this UNSUBACK is in, the retained status came before it
+        c.unsubscribe(f"{self.topic}/probe-{secrets.token_hex(6)}")
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            status = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(status, dict):
+            return
+        with self._changed:
+            if msg.retain and not self._settled.is_set() and self.retained is None:
+                self.retained = status
+            self._statuses.append(status)
+            self._changed.notify_all()
+
+    def open(self, timeout: float) -> _StatusWatch:
+        """Connects and subscribes; returns once what was retained has arrived. Raises TimeoutError."""
+        try:
+            self._mqtt.connect(self.host, self.port, keepalive=10)
+        except OSError as exc:
+            raise TimeoutError(f"no MQTT broker on {self.host}:{self.port} ({exc})") from None
+        self._mqtt.loop_start()
+        if not self._settled.wait(timeout):
+            self.close()
+            raise TimeoutError(f"the broker on {self.host}:{self.port} did not answer a subscription")
+        if self._refused is not None:
+            self.close()
+            raise TimeoutError(
+                f"the broker on {self.host}:{self.port} refused the connection ({self._refused})"
+            )
+        return self
+
+    def wait_online(self, not_epochs: set[str | None], timeout: float) -> str | None:
+        """The epoch of the first status online with an epoch not in `not_epochs`, or None in time."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for status in self._statuses:
+                    if status.get("status") == "online" and status.get("epoch") not in not_epochs:
+                        return str(status["epoch"])
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(left)
+
+    def close(self) -> None:
+        self._mqtt.loop_stop()
+        self._mqtt.disconnect()
+
+
 @functools.cache
 def _serve_options() -> str:
     out = subprocess.run(
@@ -159,10 +238,10 @@ class BridgeProcess:
         return None if self.ws_port is None else f"ws://{self.host}:{self.ws_port}/mqtt"
 
     def start(self, timeout: float = 30) -> BridgeProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_BRIDGE_")}
-        log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+        if self.broker_url:
+            return self._start_on_broker(timeout)
+        self._spawn()
+        assert self._proc is not None
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
@@ -182,6 +261,49 @@ class BridgeProcess:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise BridgeStartError(f"chat-bridge serve did not come online:\n{self.log()}") from None
+
+    def _spawn(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_BRIDGE_")}
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+
+    def _start_on_broker(self, timeout: float) -> BridgeProcess:
+        """On a broker that is already running, the bridge is ready when `bridge/status` shows an
+        epoch of its own: neither the one retained there before it started nor its previous one.
+        Another bridge online under the same prefix would take the same commands: refused."""
+        deadline = time.monotonic() + timeout
+        try:
+            watch = _StatusWatch(
+                self.host, self.port, prefix=self.prefix, username=self._probe[0], password=self._probe[1]
+            ).open(timeout)
+        except TimeoutError as exc:
+            raise BridgeStartError(f"chat-bridge serve not started: {exc}") from None
+        try:
+            before = watch.retained or {}
+            if before.get("status") == "online" and before.get("epoch") != self.epoch:
+                raise BridgeStartError(
+                    f"another chat-bridge is online on {self.host}:{self.port} under the topic prefix "
+                    f"{self.prefix!r} (epoch {before.get('epoch')}): it would take the test bridge's "
+                    "commands too. Stop it, or give the tests a prefix of their own "
+                    "(--chat-bridge-topic-prefix, or BridgeProcess(prefix=...))"
+                )
+            self._spawn()
+            assert self._proc is not None
+            not_epochs = {self.epoch, before.get("epoch")}
+            while True:
+                if self._proc.poll() is not None:
+                    code = self._proc.returncode
+                    raise BridgeStartError(f"chat-bridge serve exited ({code}):\n{self.log()}")
+                epoch = watch.wait_online(not_epochs, min(0.5, max(0.0, deadline - time.monotonic())))
+                if epoch is not None:
+                    self.epoch = epoch
+                    return self
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise BridgeStartError(f"chat-bridge serve did not come online:\n{self.log()}")
+        finally:
+            watch.close()
 
     def stop(self, timeout: float = 15) -> None:
         """A graceful stop (SIGTERM), killed if it takes longer than `timeout`."""

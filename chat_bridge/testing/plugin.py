@@ -8,7 +8,8 @@
 
 Options: `--chat-bridge-broker-url` (env CHAT_BRIDGE_TEST_BROKER_URL) runs the bridge against that
 broker instead of its embedded one; `--chat-bridge-database-url` (env CHAT_BRIDGE_TEST_DATABASE_URL)
-uses that database instead of a fresh SQLite file per test.
+uses that database instead of a fresh SQLite file per test; `--chat-bridge-topic-prefix` (env
+CHAT_BRIDGE_TEST_TOPIC_PREFIX) gives the bridge and its clients another prefix than chat/v1.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the chat_bridge_server fixture's database (default: a new SQLite file per test) "
         "[env CHAT_BRIDGE_TEST_DATABASE_URL]",
     )
+    group.addoption(
+        "--chat-bridge-topic-prefix",
+        default=os.environ.get("CHAT_BRIDGE_TEST_TOPIC_PREFIX", "chat/v1"),
+        help="the chat_bridge_server fixture's topic prefix, e.g. to keep clear of another bridge on "
+        "the same broker (default: chat/v1) [env CHAT_BRIDGE_TEST_TOPIC_PREFIX]",
+    )
 
 
 @pytest.fixture
@@ -47,6 +54,7 @@ def chat_bridge_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
         tmp_path / "chat-bridge",
         broker_url=request.config.getoption("--chat-bridge-broker-url"),
         database_url=request.config.getoption("--chat-bridge-database-url"),
+        prefix=request.config.getoption("--chat-bridge-topic-prefix"),
     )
     bridge.start()
     try:

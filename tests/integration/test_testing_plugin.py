@@ -11,7 +11,7 @@ import pytest
 from conftest import ACCOUNTS, ROOT, Mosquitto
 
 from chat_bridge import errors
-from chat_bridge.testing import BridgeProcess
+from chat_bridge.testing import BridgeProcess, BridgeStartError
 
 DOCS = ROOT / "docs" / "sdk-python.md"
 
@@ -65,6 +65,36 @@ def test_the_plugin_runs_the_bridge_against_a_given_broker(tmp_path: Path, mosqu
     )
     result = run_pytest(tmp_path, code, f"--chat-bridge-broker-url=mqtt://127.0.0.1:{mosquitto.port}")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_on_a_broker_where_another_bridge_is_online(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    url = f"mqtt://127.0.0.1:{mosquitto.port}"
+    with BridgeProcess(tmp_path / "theirs", broker_url=url) as theirs:
+        # the same prefix: both bridges would take every command; refused before anything starts
+        mine = BridgeProcess(tmp_path / "mine", broker_url=url)
+        with pytest.raises(BridgeStartError, match=r"another chat-bridge is online .* 'chat/v1'"):
+            mine.start()
+        assert mine.epoch is None and mine.log() == ""
+        code = "def test_mine(chat_client):\n    chat_client('alice')\n"
+        result = run_pytest(tmp_path, code, f"--chat-bridge-broker-url={url}")
+        assert result.returncode == 1 and "another chat-bridge is online" in result.stdout, result.stdout
+        # a prefix of their own: ready with its own epoch, not the one the other bridge retained
+        code = (
+            "def test_mine(chat_bridge_server, chat_client):\n"
+            "    assert chat_bridge_server.prefix == 'test/v1'\n"
+            f"    assert chat_bridge_server.epoch not in (None, {theirs.epoch!r})\n"
+            "    assert chat_bridge_server.epoch in chat_bridge_server.log()\n"
+            "    alice, bob = chat_client('alice'), chat_client('bob')\n"
+            "    alice.send_message(alice.create_direct('bob')['conversation_id'], 'hi')\n"
+            "    assert bob.wait_for('message-added').message['body'] == 'hi'\n"
+        )
+        (tmp_path / "users_project").rename(tmp_path / "first_project")
+        result = run_pytest(
+            tmp_path, code, f"--chat-bridge-broker-url={url}", "--chat-bridge-topic-prefix=test/v1"
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        with theirs.client("carol") as carol:  # the other bridge saw none of it
+            assert [c["conversation_id"] for c in carol.get_conversations()] == ["global"]
 
 
 def test_bridge_process_restart_keeps_the_data_and_changes_the_epoch(tmp_path: Path) -> None:
