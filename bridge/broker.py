@@ -71,6 +71,7 @@ WS_PATH = "/mqtt"  # the only path the WebSockets listener upgrades
 WS_OPEN_TIMEOUT = 10.0  # seconds for a WebSocket opening handshake
 CONNECT_TIMEOUT = 10.0  # seconds from accepting a connection (TCP or WebSocket) to its CONNECT
 MAX_PACKET = 131_072  # bytes of one MQTT packet from a client, as the shipped Mosquitto's max_packet_size
+WS_QUEUE = 4  # WebSocket messages a connection buffers before its reader takes them
 # Repeated warnings (refused connections, full queues) are logged at most once a minute per key: a
 # crowd of misbehaving clients cannot flood the log.
 _LOG_LIMIT = OncePer(60_000)
@@ -186,6 +187,7 @@ class PacketLimit(ReaderAdapter):  # type: ignore[misc]
     def __init__(self, inner: ReaderAdapter, limit: int | None, peer: str) -> None:
         self.inner, self.limit, self.peer = inner, limit, peer
         self.refused = False
+        self.pending: int | None = None  # its token in PendingConnections until it logged in
         self._header = -1  # -1: a packet's first byte next; else length bytes read so far
         self._length = 0
         self._body = 0  # bytes of the current packet's body still to come
@@ -369,13 +371,73 @@ class AnyTopic(Topics):
 
 @dataclass(frozen=True)
 class Caps:
-    """What one account may hold in the embedded broker (the bridge's account is not capped)."""
+    """What one account may hold in the embedded broker (the bridge's account is not capped), and
+    how many connections may wait to log in (`PendingConnections`)."""
 
     max_connections: int = 20  # open connections per account
     max_sessions: int = 10  # persistent sessions (clean session false) per account
     session_expiry: int = 7 * 24 * 3600  # seconds a disconnected persistent session is kept
     offline_queue: int = 1000  # messages queued for one disconnected persistent session
     max_keepalive: int = 300  # a keepalive of 0 or above this counts as this (the watchdog)
+    max_pending: int = 512  # connections (TCP and WebSockets) not logged in yet, in all
+    max_pending_per_address: int = 32  # the same from one address (IPv6: its /64)
+
+
+class PendingConnections:
+    """The connections that have not logged in yet: from the TCP accept (before a WebSocket opening
+    handshake) until their CONNECT is answered. At most `per_address` from one address
+    (`address_key`) and `total` in all: a new connection beyond either closes the oldest pending one
+    there (of its address, or of all). A client that connects and logs in at once is pending for
+    milliseconds, so a crowd holding the maximum (until `CONNECT_TIMEOUT`) keeps nobody out, at its
+    address or elsewhere, while it cannot hold more than the caps' sockets and buffers. O(1) each."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total, self.per_address = total, per_address
+        self._all: OrderedDict[int, tuple[str, Any]] = OrderedDict()  # token -> address, close
+        self._by_address: dict[str, OrderedDict[int, None]] = {}
+        self._next = 0
+        self.closed = 0  # closed to make room
+
+    def add(self, address: str, close: Any) -> int:
+        """Counts a new connection (closing the oldest pending ones beyond a cap); its token."""
+        while len(self._by_address.get(address, ())) >= self.per_address:
+            self._close(next(iter(self._by_address[address])), "from its address")
+        while len(self._all) >= self.total:
+            self._close(next(iter(self._all)), "in all")
+        token, self._next = self._next, self._next + 1
+        self._all[token] = (address, close)
+        self._by_address.setdefault(address, OrderedDict())[token] = None
+        return token
+
+    def done(self, token: int | None) -> None:
+        """The connection logged in, was refused or is gone (again: nothing)."""
+        entry = self._all.pop(token, None) if token is not None else None
+        if entry is None:
+            return
+        mine = self._by_address[entry[0]]
+        del mine[token]  # type: ignore[arg-type]
+        if not mine:
+            del self._by_address[entry[0]]
+
+    def count(self, address: str | None = None) -> int:
+        return len(self._all) if address is None else len(self._by_address.get(address, ()))
+
+    def _close(self, token: int, where: str) -> None:
+        address, close = self._all[token]
+        self.done(token)
+        self.closed += 1
+        if _LOG_LIMIT.due(f"pending {address}", _now_ms()):
+            cap = self.per_address if where == "from its address" else self.total
+            log.warning(
+                "closed a connection from %s that had not logged in: %d such connections %s "
+                "(--max-pending%s); %d closed so far",
+                address,
+                cap,
+                where,
+                "-per-address" if where == "from its address" else "",
+                self.closed,
+            )
+        close()
 
 
 class _Buckets(OrderedDict[Any, tuple[float, int]]):
@@ -443,6 +505,14 @@ class FailedLogins:
     @address_burst.setter
     def address_burst(self, value: float) -> None:
         self._left.burst = float(value)
+
+    @property
+    def address_every_ms(self) -> int:
+        return self._left.every_ms
+
+    @address_every_ms.setter
+    def address_every_ms(self, value: int) -> None:
+        self._left.every_ms = value
 
     @staticmethod
     def _pair(address: str, user: str) -> tuple[str, str]:
@@ -513,6 +583,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         self.accounts = accounts
         self.caps = caps
         self.failed_logins = FailedLogins()
+        self.pending = PendingConnections(caps.max_pending, caps.max_pending_per_address)
         self._bridge_secret = bridge_secret
         self._admitted: dict[int, Any] = {}  # id -> session, between admission and amqtt's auth call
         self._account_task: asyncio.Task[None] | None = None
@@ -589,19 +660,27 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         peer = writer.get_peer_info() or ("?", 0)
         return PacketLimit(reader, self.max_packet, str(peer[0]))
 
+    def _pending(self, transport: asyncio.BaseTransport) -> int:
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        return self.pending.add(address_key(str(peer[0])), transport.abort)  # type: ignore[attr-defined]
+
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        adapter = StreamWriterAdapter(writer)
-        await self._client_connected(
-            listener_name, self._limited(StreamReaderAdapter(reader), adapter), adapter
-        )
+        token = self._pending(writer.transport)
+        try:
+            adapter = StreamWriterAdapter(writer)
+            limited = self._limited(StreamReaderAdapter(reader), adapter)
+            limited.pending = token
+            await self._client_connected(listener_name, limited, adapter)
+        finally:
+            self.pending.done(token)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter = WebSocketsWriter(websocket)
-        await self._client_connected(
-            listener_name, self._limited(WebSocketReader(websocket), adapter), adapter
-        )
+        limited = self._limited(WebSocketReader(websocket), adapter)
+        limited.pending = getattr(websocket, "pending", None)  # counted since its TCP accept
+        await self._client_connected(listener_name, limited, adapter)
 
     async def _create_server_instance(
         self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
@@ -612,6 +691,21 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             return await super()._create_server_instance(
                 listener_name, listener_type, address, port, ssl_context
             )
+        broker = self
+
+        class Counted(websockets.asyncio.server.ServerConnection):
+            """Counted among the pending connections from its TCP accept, before its handshake."""
+
+            pending: int | None = None
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.pending = broker._pending(transport)
+                super().connection_made(transport)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                broker.pending.done(self.pending)
+                super().connection_lost(exc)
+
         return await websockets.asyncio.server.serve(
             partial(self.ws_connected, listener_name=listener_name),
             address,
@@ -622,6 +716,12 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             open_timeout=WS_OPEN_TIMEOUT,
             server_header="chat-bridge",
             logger=WS_LOG,
+            create_connection=Counted,
+            # a client's message is at most one MQTT packet's size, and few wait to be read: an
+            # unauthenticated connection buffers at most WS_QUEUE of them (websockets' own defaults,
+            # 1 MiB and 16, let each hold 16 MiB)
+            max_size=MAX_PACKET,
+            max_queue=WS_QUEUE,
         )
 
     # -- admission, before any session work --------------------------------------------------
@@ -673,6 +773,13 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Any]:
+        """A connection is pending (`PendingConnections`) until its CONNECT is answered."""
+        try:
+            return await self._admit_session(reader, writer)
+        finally:
+            self.pending.done(getattr(reader, "pending", None))
+
+    async def _admit_session(self, reader: Any, writer: Any) -> tuple[BrokerProtocolHandler, Any]:
         try:
             handler, incoming = await asyncio.wait_for(
                 AckAfterCommit.init_from_connect(reader, writer, self.plugins_manager),

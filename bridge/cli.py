@@ -23,6 +23,7 @@ from chat_bridge.chat import add_chat_command
 from . import __version__, passwords
 from .broker import (
     BrokerStartError,
+    Caps,
     InProcessPublisher,
     Security,
     check_port_free,
@@ -138,6 +139,20 @@ OPTIONS = (
         "embedded broker only: comma-separated origins of web pages that may use MQTT over WebSockets "
         "(e.g. https://chat.example.com; *: any); pages of the listener's own host are allowed when "
         "it is localhost or an IP address",
+    ),
+    (
+        "--max-pending",
+        "CHAT_BRIDGE_MAX_PENDING",
+        "512",
+        "embedded broker only: connections (TCP and WebSockets) that have not logged in yet, in all; "
+        "a new one beyond closes the oldest",
+    ),
+    (
+        "--max-pending-per-address",
+        "CHAT_BRIDGE_MAX_PENDING_PER_ADDRESS",
+        "32",
+        "embedded broker only: the same from one address (IPv6: its /64); raise it behind a reverse "
+        "proxy or a NAT that many clients share",
     ),
     (
         "--http-listen",
@@ -384,13 +399,13 @@ def _positive(value: str, option: str) -> float:
     return number
 
 
-def _partitions(value: str) -> int:
+def _partitions(value: str, option: str = "--partitions") -> int:
     try:
         count = int(value)
     except ValueError:
         count = 0
     if count < 1:
-        raise ConfigError(f"--partitions takes a whole number of at least 1, not {value!r}")
+        raise ConfigError(f"{option} takes a whole number of at least 1, not {value!r}")
     return count
 
 
@@ -487,6 +502,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log_summary=summary,
         nats_url=args.nats_url or None,
         partitions=_partitions(args.partitions),
+        max_pending=_partitions(args.max_pending, "--max-pending"),
+        max_pending_per_address=_partitions(args.max_pending_per_address, "--max-pending-per-address"),
         lease=_positive(args.lease, "--lease"),
         mqtt_client=args.mqtt_client,
     )
@@ -719,6 +736,9 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         bridge_secret=secret,
         ws_listen=ws,
         ws_origins=settings.ws_origins,
+        caps=Caps(
+            max_pending=settings.max_pending, max_pending_per_address=settings.max_pending_per_address
+        ),
         commands=gate,
     )
     # Commands come in-process from the broker, and the client's PUBACK waits for their commit;

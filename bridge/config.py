@@ -85,6 +85,8 @@ class Settings:
     http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off
     ws_listen: str | None = DEFAULT_WS_LISTEN  # embedded broker: host:port of MQTT over WebSockets; None: off
     ws_origins: tuple[str, ...] = ()  # web page origins also allowed to use it ("*": any)
+    max_pending: int = 512  # embedded broker: connections not logged in yet, in all
+    max_pending_per_address: int = 32  # embedded broker: the same from one address
     log_summary: float = 60.0  # seconds between throughput lines in the log; 0: none
     probe_interval: float = 15.0  # seconds between the bridge's probes of its own command subscription
     probe_timeout: float = 5.0  # a probe not back by then: subscribe again, then reconnect

@@ -4,6 +4,8 @@ may hold. `serve --password-file` unless a test says otherwise."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import orjson
 import paho.mqtt.client as paho
 import pytest
 from chatclient import ChatClient
-from conftest import ACCOUNTS, EmbeddedBroker, running_bridge, write_accounts
+from conftest import ACCOUNTS, EmbeddedBroker, free_port, running_bridge, write_accounts
 from paho.mqtt.enums import CallbackAPIVersion
 
 PREFIX = "chat/v1"
@@ -60,6 +62,7 @@ class Raw:
         keepalive: int = 30,
         subscribe: tuple[str, ...] = (),
         transport: str = "tcp",  # or "websockets" (path /mqtt)
+        source: str = "",  # the local address to connect from (another loopback address: another host)
     ) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.rc: Any = None
@@ -85,7 +88,7 @@ class Raw:
         self.client.on_message = lambda _c, _u, m: self.got.append((m.topic, m.payload))
         self.subscribed = threading.Event()
         self.client.on_subscribe = lambda *_a: self.subscribed.set()
-        self.client.connect("127.0.0.1", port, keepalive=keepalive)
+        self.client.connect("127.0.0.1", port, keepalive=keepalive, bind_address=source)
         self.client.loop_start()
         self.answered.wait(10)
 
@@ -359,8 +362,10 @@ def test_one_guesser_does_not_lock_out_the_others_at_its_address(tmp_path: Path)
         bob = Raw(broker.port, "bob:ok", "bob", ACCOUNTS["bob"])
         assert not bob.refused
         bob.stop()
-        # guesses over many names hold the address back (100 in production; 20 here) ...
+        # guesses over many names hold the address back (100 in production, then one every 0.6 s;
+        # 20 here, and none back during the test) ...
         broker.broker.failed_logins.address_burst = 20.0
+        broker.broker.failed_logins.address_every_ms = 3_600_000
         flood = [Raw(broker.port, f"u{i}:g", f"u{i}", "x") for i in range(20)]
         assert all(f.refused for f in flood)
         from bridge.broker import _now_ms
@@ -471,3 +476,139 @@ def test_refused_connections_are_logged_at_a_bounded_rate(
         from_amqtt = [r for r in caplog.records if r.name.startswith("amqtt") and r.levelno >= 30]
         assert len(from_amqtt) <= 10, [r.getMessage() for r in from_amqtt]
         assert not any(r.exc_info for r in caplog.records if r.name.startswith(("bridge.broker", "amqtt")))
+
+
+# -- connections that never log in ------------------------------------------------------------------
+
+WS_UPGRADE = (
+    b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: mqtt\r\n\r\n"
+)
+
+
+def hold(port: int, count: int, source: str = "127.0.0.1", send: bytes = b"") -> list[socket.socket]:
+    """`count` connections from `source` that send `send` (nothing, half a CONNECT, a WebSocket
+    handshake) and then nothing more."""
+    held = []
+    for _ in range(count):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        if send:
+            with contextlib.suppress(OSError):  # already closed by the broker
+                conn.sendall(send)
+        held.append(conn)
+    return held
+
+
+def still_open(conns: list[socket.socket], wait: float) -> int:
+    """How many of `conns` the broker has not closed after `wait` seconds (the data it sent, a
+    WebSocket handshake's answer, is read and ignored)."""
+    deadline = time.monotonic() + wait
+    open_ = set(conns)
+    while open_ and time.monotonic() < deadline:
+        for conn in list(open_):
+            conn.setblocking(False)
+            try:
+                while chunk := conn.recv(65536):
+                    del chunk
+                open_.discard(conn)  # end of stream
+            except BlockingIOError:
+                pass
+            except OSError:
+                open_.discard(conn)
+        time.sleep(0.05)
+    return len(open_)
+
+
+def test_a_crowd_that_never_logs_in_is_capped_and_keeps_nobody_out(tmp_path: Path) -> None:
+    """mallory's host opens hundreds of connections, over TCP and WebSockets, and never sends a
+    CONNECT (or only half of one, or never finishes the WebSocket handshake). Each used to be kept
+    for 10 s (and re-opened), however many: the broker held every socket. Now at most 32 from her
+    address wait, and alice and bob still log in, from elsewhere and from her address."""
+    ws = free_port()
+    with embedded(tmp_path, ws_listen=("127.0.0.1", ws)) as broker:
+        crowd = hold(broker.port, 150)
+        crowd += hold(broker.port, 50, send=b"\x10\x7f\x00\x04MQTT")  # half a CONNECT
+        crowd += hold(ws, 50, send=WS_UPGRADE[:40])  # half a handshake
+        crowd += hold(ws, 50, send=WS_UPGRADE)  # a WebSocket, and no CONNECT in it
+        try:
+            assert still_open(crowd, 3) <= 32
+            assert broker.broker.pending.count("127.0.0.1") <= 32
+            for source in ("127.0.0.2", "127.0.0.1"):
+                for transport, port in (("tcp", broker.port), ("websockets", ws)):
+                    alice = Raw(
+                        port,
+                        f"alice:{transport}",
+                        "alice",
+                        ACCOUNTS["alice"],
+                        transport=transport,
+                        source=source,
+                    )
+                    assert not alice.refused, (source, transport)
+                    alice.stop()
+        finally:
+            for conn in crowd:
+                conn.close()
+
+
+def test_a_crowd_from_many_addresses_is_capped_in_all(tmp_path: Path) -> None:
+    """Twenty addresses each hold 30 (under the 32 of one address): beyond the total of 512 a new
+    connection closes the oldest waiting one, so the crowd cannot hold more and a fresh login from
+    elsewhere still gets through."""
+    with embedded(tmp_path) as broker:
+        crowd = [c for i in range(20) for c in hold(broker.port, 30, source=f"127.0.1.{i + 1}")]
+        try:
+            assert still_open(crowd, 3) <= 512
+            assert broker.broker.pending.count() <= 512
+            bob = Raw(broker.port, "bob:x", "bob", ACCOUNTS["bob"], source="127.0.0.2")
+            assert not bob.refused
+            bob.stop()
+        finally:
+            for conn in crowd:
+                conn.close()
+
+
+def test_a_websocket_message_larger_than_a_packet_is_refused_before_it_is_kept(tmp_path: Path) -> None:
+    """websockets' defaults let an unauthenticated connection queue 16 messages of 1 MiB each."""
+    import websockets.sync.client as ws_client
+    from websockets.exceptions import ConnectionClosed
+
+    from bridge.broker import MAX_PACKET
+
+    ws = free_port()
+    with embedded(tmp_path, ws_listen=("127.0.0.1", ws)) as broker:
+        del broker
+        with ws_client.connect(f"ws://127.0.0.1:{ws}/mqtt", subprotocols=["mqtt"]) as conn:  # type: ignore[list-item]
+            code = None
+            try:
+                # a CONNECT's first bytes, then far more than any packet in the same message
+                conn.send(b"\x10\x7f" + b"\x00" * (2 * MAX_PACKET))
+                conn.recv(timeout=5)
+            except ConnectionClosed as closed:
+                code = closed.rcvd.code if closed.rcvd else None
+            except TimeoutError:
+                pass
+            assert code == 1009, code  # message too big
+
+
+def test_serve_takes_the_caps_of_waiting_connections(tmp_path: Path) -> None:
+    import subprocess
+
+    from test_cli import serve_cmd, serving, wait_for_line
+
+    help_text = "".join(subprocess.run(serve_cmd("--help"), capture_output=True, text=True).stdout.split())
+    for words in ("--max-pending-per-address", "envCHAT_BRIDGE_MAX_PENDING;default512", "default32"):
+        assert words in help_text, words
+    bad = subprocess.run(serve_cmd("--max-pending-per-address", "0"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--max-pending-per-address takes a whole number" in bad.stderr
+    port, ws = free_port(), free_port()
+    args = ("--listen", f"127.0.0.1:{port}", "--ws-listen", f"127.0.0.1:{ws}", "--http-listen", "off")
+    args += ("--database-url", f"sqlite:///{tmp_path / 'db.sqlite3'}", "--max-pending-per-address", "3")
+    with serving(tmp_path, *args) as proc:
+        wait_for_line(proc, "bridge online")
+        crowd = hold(port, 6) + hold(ws, 6)
+        try:
+            assert still_open(crowd, 3) <= 3
+        finally:
+            for conn in crowd:
+                conn.close()
