@@ -80,7 +80,8 @@ class Sender:
     msg_ids: bool
     infos: list[paho.MQTTMessageInfo] = field(default_factory=list)
     acks: list[float] = field(default_factory=list)  # PUBACK times
-    reconnects: int = 0
+    reconnects: int = 0  # connections lost
+    refused: int = 0  # connection attempts that failed (a dead node)
 
     def __post_init__(self) -> None:
         self.mqtt = mqtt_client(f"{self.user}:chaos", self.ports[self.node], self.user, clean=False)
@@ -88,11 +89,22 @@ class Sender:
         self.mqtt.max_inflight_messages_set(100)
         self.mqtt.reconnect_delay_set(0.2, 2)
         self.mqtt.on_publish = lambda *_a: self.acks.append(time.time())
-        self.mqtt.on_disconnect = self._failover
+        self.mqtt.on_disconnect = self._lost
+        # paho reports a failed reconnection here, not in on_disconnect: without it, a client whose
+        # connection to a live node was closed and that moved on to the dead node stayed there
+        self.mqtt.on_connect_fail = self._failed
 
-    def _failover(self, client: paho.Client, *_a: Any) -> None:
-        """A client whose node is gone tries the next one (its session lives in JetStream)."""
+    def _lost(self, client: paho.Client, *_a: Any) -> None:
         self.reconnects += 1
+        self._next(client)
+
+    def _failed(self, client: paho.Client, *_a: Any) -> None:
+        self.refused += 1
+        self._next(client)
+
+    def _next(self, client: paho.Client) -> None:
+        """A client whose node is gone, or that cannot connect, tries the next node (its session
+        lives in JetStream)."""
         if len(self.ports) > 1:
             self.node = (self.node + 1) % len(self.ports)
             client._port = self.ports[self.node]  # paho's setter refuses while it tears down
@@ -331,14 +343,19 @@ def run(
             sent = sum(len(s.infos) for s in senders)
             acked = {s.user: s.acked() for s in senders}
             want = sum(acked.values())
+            # then for the workers to apply them: as long as they make progress (on a loaded machine
+            # they may be minutes behind), until 60 s pass without a command applied
             rows: list[tuple[Any, ...]] = []
-            while time.monotonic() < deadline:
+            progress_at, seen = time.monotonic(), -1
+            while time.monotonic() < progress_at + 60:
                 with pg(database_url) as conn:
                     rows = conn.execute(
                         "SELECT conversation_id, seq, sender_id, body, created_ms FROM messages"
                     ).fetchall()
                 if sum(1 for r in rows if not str(r[2]).startswith("w")) >= want:
                     break
+                if len(rows) != seen:
+                    progress_at, seen = time.monotonic(), len(rows)
                 time.sleep(0.3)
             time.sleep(1.0)  # anything applied late (twice) would show now
             with pg(database_url) as conn:
@@ -357,6 +374,7 @@ def run(
             figures["acknowledged"] = want
             figures["takeover_s"] = [round(t, 1) for t in takeovers]
             figures["client_reconnects"] = sum(s.reconnects for s in senders)
+            figures["client_connects_refused"] = sum(s.refused for s in senders)
             if node_kill_at is not None:
                 figures.update(publish_stall(senders, node_kill_at, killed_node))
             figures["longest_apply_gap_s"] = apply_gap(rows, figures["first_ms"], figures["last_ms"])

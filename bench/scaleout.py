@@ -248,6 +248,7 @@ def connect_all(clients: list[tuple[paho.Client, int, list[str]]], timeout: floa
     """Connects the clients, each subscribed (QoS 1) to its topics once this returns."""
     pending = threading.Semaphore(0)
     refused: list[str] = []
+    tries: dict[paho.Client, int] = {}
     for c, port, topics in clients:
 
         def on_connect(
@@ -258,8 +259,16 @@ def connect_all(clients: list[tuple[paho.Client, int, list[str]]], timeout: floa
             else:
                 pending.release()
 
-        def on_subscribe(cl: paho.Client, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        def on_subscribe(
+            cl: paho.Client, _u: Any, _mid: int, codes: list[Any], _p: Any, topics: list[str] = topics
+        ) -> None:
             if any(int(getattr(rc, "value", rc)) != 1 for rc in codes):  # granted QoS 1, nothing less
+                # NATS refuses a subscription whose JetStream consumer it could not create within its
+                # 4 s API timeout (seen on a loaded machine): ask again, a few times
+                tries[cl] = tries.get(cl, 0) + 1
+                if tries[cl] < 5:
+                    threading.Timer(1.0, cl.subscribe, args=([(t, 1) for t in topics],)).start()
+                    return
                 refused.append(f"{cl._client_id.decode()}: {codes}")
             pending.release()
 
