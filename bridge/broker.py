@@ -55,6 +55,7 @@ from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVA
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BasePlugin, BaseTopicPlugin
+from amqtt.session import INCOMING
 from amqtt.utils import gen_client_id
 
 from . import passwords
@@ -72,6 +73,7 @@ WS_OPEN_TIMEOUT = 10.0  # seconds for a WebSocket opening handshake
 CONNECT_TIMEOUT = 10.0  # seconds from accepting a connection (TCP or WebSocket) to its CONNECT
 MAX_PACKET = 131_072  # bytes of one MQTT packet from a client, as the shipped Mosquitto's max_packet_size
 WS_QUEUE = 4  # WebSocket messages a connection buffers before its reader takes them
+MAX_QOS2_INFLIGHT = 32  # a client's QoS 2 publishes waiting for its PUBREL (kept in its session)
 # Repeated warnings (refused connections, full queues) are logged at most once a minute per key: a
 # crowd of misbehaving clients cannot flood the log.
 _LOG_LIMIT = OncePer(60_000)
@@ -230,6 +232,41 @@ class PacketLimit(ReaderAdapter):  # type: ignore[misc]
 
     def feed_eof(self) -> None:
         self.inner.feed_eof()
+
+
+class GuardedHandler(AckAfterCommit):
+    """A client connection's protocol handler (see AckAfterCommit), that keeps at most
+    `MAX_QOS2_INFLIGHT` of the client's QoS 2 publishes waiting for their PUBREL: amqtt keeps each,
+    of up to `MAX_PACKET` bytes, in the session until then, up to 65,535 of them and after the
+    client is gone too (a persistent session for 7 days), so one account that never sends PUBREL
+    could make the broker hold gigabytes. One more closes the connection (its will fires), as MQTT 5
+    does past a client's receive maximum; the publish is dropped."""
+
+    async def _handle_qos2_message_flow(self, app_message: Any) -> None:
+        session = self.session
+        if (
+            app_message.direction == INCOMING
+            and session is not None
+            and app_message.packet_id not in session.inflight_in
+            and len(session.inflight_in) >= MAX_QOS2_INFLIGHT
+        ):
+            if _LOG_LIMIT.due(f"qos2 {session.client_id}", _now_ms()):
+                log.warning(
+                    "closing %s: more than %d QoS 2 publishes without their PUBREL",
+                    session.client_id,
+                    MAX_QOS2_INFLIGHT,
+                )
+            _abort(self.writer)  # as if the connection dropped: amqtt's reader ends it, the will fires
+            return
+        await super()._handle_qos2_message_flow(app_message)
+
+
+def _abort(writer: Any) -> None:
+    """Drops a client connection under amqtt's writer adapter (TCP or WebSocket) at once."""
+    inner = getattr(writer, "_writer", None) or getattr(writer, "_protocol", None)
+    transport = getattr(inner, "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 class BrokerStartError(Exception):
@@ -782,7 +819,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
     async def _admit_session(self, reader: Any, writer: Any) -> tuple[BrokerProtocolHandler, Any]:
         try:
             handler, incoming = await asyncio.wait_for(
-                AckAfterCommit.init_from_connect(reader, writer, self.plugins_manager),
+                GuardedHandler.init_from_connect(reader, writer, self.plugins_manager),
                 self.connect_timeout,
             )
             handler.gate = self.commands

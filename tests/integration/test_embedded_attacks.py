@@ -612,3 +612,53 @@ def test_serve_takes_the_caps_of_waiting_connections(tmp_path: Path) -> None:
         finally:
             for conn in crowd:
                 conn.close()
+
+
+def _mqtt_string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    length, size = b"", len(body)
+    while True:
+        size, digit = divmod(size, 128)
+        length += bytes([digit | (0x80 if size else 0)])
+        if not size:
+            return bytes([first]) + length + body
+
+
+def test_qos2_publishes_never_released_are_capped(tmp_path: Path) -> None:
+    """mallory, with her own account, sends QoS 2 commands of 100 KiB and never their PUBREL: amqtt
+    kept every one in her session (up to 65,535 of them, 6 GiB), also after she left."""
+    from bridge.broker import MAX_QOS2_INFLIGHT
+
+    with embedded(tmp_path) as broker:
+        conn = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+        connect = b"\x00\x04MQTT\x04\xc2\x00\x3c" + _mqtt_string("mallory:q2")
+        connect += _mqtt_string("mallory") + _mqtt_string(ACCOUNTS["mallory"])
+        conn.sendall(_packet(0x10, connect))
+        assert conn.recv(4) == b"\x20\x02\x00\x00"
+        topic = _mqtt_string(f"{PREFIX}/users/mallory/commands/get-active-users")
+        payload = b'{"request_id":"' + b"a" * 100_000 + b'"}'
+        sent = 0
+        with contextlib.suppress(OSError):
+            for packet_id in range(1, 201):
+                conn.sendall(_packet(0x34, topic + packet_id.to_bytes(2, "big") + payload))
+                sent += 1
+        assert still_open([conn], 5) == 0, f"still open after {sent} QoS 2 publishes"
+        conn.close()
+        kept = [len(s.inflight_in) for s, _h in broker.broker._sessions.values()]
+        assert max(kept, default=0) <= MAX_QOS2_INFLIGHT, kept
+        # a client that releases its QoS 2 publishes is served as ever
+        bob = Raw(broker.port, "bob:q2", "bob", ACCOUNTS["bob"], subscribe=(f"{PREFIX}/users/bob/inbox",))
+        assert bob.subscribed.wait(10)
+        for i in range(MAX_QOS2_INFLIGHT + 8):
+            bob.client.publish(
+                f"{PREFIX}/users/bob/commands/get-active-users", orjson.dumps({"request_id": f"b{i}"}), qos=2
+            ).wait_for_publish(10)
+        deadline = time.monotonic() + 10
+        while len(bob.got) < MAX_QOS2_INFLIGHT + 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(bob.got) == MAX_QOS2_INFLIGHT + 8 and not bob.gone.is_set()
+        bob.stop()
