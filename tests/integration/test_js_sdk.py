@@ -1,7 +1,7 @@
 """The TypeScript SDK (clients/js): its types match schemas/, it type-checks, `npm run build` writes the
 package (ES modules and type declarations for Node and bundlers, one ES module for pages without a
-bundler), and its own tests (Node's test runner, clients/js/test) pass against a real
-`chat-bridge serve` of this checkout."""
+bundler), its own tests (Node's test runner, clients/js/test) pass against a real
+`chat-bridge serve` of this checkout, and examples/echo-bot.mjs (docs/sdk-js.md) answers."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, EmbeddedBroker, running_bridge
+
+from chat_bridge import Client
 
 JS = ROOT / "clients" / "js"
+EXAMPLE = ROOT / "examples" / "echo-bot.mjs"
 
 
 def npm(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -86,3 +89,52 @@ def test_the_sdks_own_tests_pass_against_a_real_bridge() -> None:
     assert "# fail 0" in done.stdout and "# cancelled 0" in done.stdout, output
     summary = dict(re.findall(r"^# (tests|pass) (\d+)$", done.stdout, re.M))
     assert summary["tests"] == summary["pass"], output
+
+
+def test_the_docs_bot_is_examples_echo_bot() -> None:
+    text = (ROOT / "docs" / "sdk-js.md").read_text()
+    match = re.search(r"<!-- bot example -->\n```js\n(.*?)```", text, re.S)
+    assert match, "no js block after <!-- bot example --> in docs/sdk-js.md"
+    assert match.group(1) == EXAMPLE.read_text()
+    assert len([line for line in match.group(1).splitlines() if line.strip()]) <= 10
+
+
+def test_the_echo_bot_example_answers_and_says_goodbye(
+    built: Path, embedded_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """examples/echo-bot.mjs in a project that installed the SDK from the checkout (a link, as npm makes)."""
+    project = tmp_path / "project"
+    (project / "node_modules").mkdir(parents=True)
+    (project / "node_modules" / "chat-bridge-client").symlink_to(JS, target_is_directory=True)
+    shutil.copy(EXAMPLE, project / "echo-bot.mjs")
+    port = embedded_broker.port
+    with running_bridge(port, f"sqlite:///{tmp_path / 'chat.sqlite3'}"), Client("alice", port=port) as alice:
+        bot = subprocess.Popen(
+            ["node", "echo-bot.mjs", f"mqtt://127.0.0.1:{port}"],
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            alice.wait_for("user-connected", lambda e: e.data["user"]["user_id"] == "echo-bot", timeout=30)
+            conv = alice.create_direct("echo-bot")
+            alice.send_message(conv["conversation_id"], "ping")
+            echoed = alice.wait_for("message-added", lambda e: e.message["sender_id"] == "echo-bot")  # type: ignore[index]
+            assert echoed.message is not None
+            assert (echoed.message["conversation_id"], echoed.message["body"]) == (
+                conv["conversation_id"],
+                "echo: ping",
+            )
+            alice.send_message("global", "hello bots")
+            echoed = alice.wait_for("message-added", lambda e: e.message["sender_id"] == "echo-bot")  # type: ignore[index]
+            assert echoed.message is not None and echoed.message["body"] == "echo: hello bots"
+            bot.terminate()  # SIGTERM: the bot sends `disconnect`, so alice sees it leave without a will
+            alice.wait_for("user-disconnected", lambda e: e.data["user_id"] == "echo-bot", timeout=10)
+            out, err = bot.communicate(timeout=10)
+        finally:
+            if bot.poll() is None:
+                bot.kill()
+                bot.communicate()
+    assert bot.returncode == 0, out + err
+    assert err == "", err
