@@ -108,6 +108,14 @@ class ChatBridgeContainer:
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.network import Network
 
+        for image in (self.bridge_image, self.mosquitto_image):
+            # a name of no repository (the project's own tags) can only be an image built here
+            if "/" not in image and not image_exists(image):
+                raise ContainerStartError(
+                    f"the image {image} is not there: build the project's images once from a checkout, "
+                    "`chat_bridge.testing.containers.build_images('path/to/chat-bridge')`, "
+                    "or pass the names of images you built or pulled"
+                )
         try:
             self._network = Network().create()
             postgres = (

@@ -43,6 +43,21 @@ def test_the_documented_container_example(images: None) -> None:
     scope["test_alice_and_bob_through_the_image"]()  # type: ignore[operator]
 
 
+def test_an_image_not_built_is_named_before_anything_starts(images: None) -> None:
+    from testcontainers.core.labels import LABEL_SESSION_ID, SESSION_ID
+
+    stack = containers.ChatBridgeContainer(bridge_image="chat-bridge-never-built:latest")
+    with pytest.raises(containers.ContainerStartError, match=r"chat-bridge-never-built:latest is not there"):
+        stack.start()
+    client = containers._docker().from_env()
+    try:  # no container of this test session was made (nor a network)
+        mine = {"label": f"{LABEL_SESSION_ID}={SESSION_ID}"}
+        assert client.containers.list(all=True, filters=mine) == []
+        assert client.networks.list(filters=mine) == []
+    finally:
+        client.close()
+
+
 def test_the_bridge_restarts_on_its_postgres_data(images: None) -> None:
     with containers.ChatBridgeContainer() as stack, stack.client("alice") as alice:
         alice.send_message("global", "stored in postgres")
