@@ -31,7 +31,7 @@ needs_chromium = pytest.mark.skipif(
 
 def node_modules() -> None:
     """clients/web's dependencies (scripts/test installs them with `npm ci`)."""
-    for package in ("playwright-core", "esbuild"):
+    for package in ("playwright-core", "esbuild", "typescript"):
         if not (WEB / "node_modules" / package).is_dir():
             pytest.fail(f"clients/web/node_modules/{package} is missing: run `npm ci` in clients/web")
     if not shutil.which("node"):
@@ -133,6 +133,17 @@ def test_the_sdks_browser_bundle_chats_from_a_page_without_a_bundler(tmp_path: P
         with Client("carol", "127.0.0.1", mqtt) as carol:
             stored = carol.get_messages("global")["messages"]
         assert [(m["sender_id"], m["body"]) for m in stored] == [("page", body)]
+
+
+def test_the_page_type_checks_against_the_sdks_types() -> None:
+    """clients/web takes the protocol's types from the SDK (generated from schemas/): a change there that
+    the page does not follow fails here."""
+    node_modules()
+    tsc = WEB / "node_modules" / "typescript" / "bin" / "tsc"
+    result = subprocess.run(
+        ["node", str(tsc), "--noEmit", "-p", "."], cwd=WEB, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_committed_bundle_is_a_fresh_build_of_clients_web() -> None:

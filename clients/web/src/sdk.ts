@@ -4,5 +4,5 @@ import { ChatClient } from "../../js/src/index";
 import type { ChatApi, ClientOptions } from "./types";
 
 export function createClient(options: ClientOptions): ChatApi {
-  return new ChatClient(options) as unknown as ChatApi;
+  return new ChatClient(options);
 }
