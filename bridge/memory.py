@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from .model import (
     GLOBAL_ID,
@@ -35,6 +35,21 @@ class _State:
     read_markers: dict[tuple[str, str], int] = field(default_factory=dict)  # (conversation, user) -> seq
 
 
+def _savepoint(state: _State) -> _State:
+    """A copy of the state to roll back to. As good as a deep copy, and much faster: every container
+    is copied, while what they hold is shared, since it is never changed in place (frozen dataclasses
+    of strings, numbers and tuples; strings; numbers)."""
+
+    def copied(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: copied(v) for k, v in value.items()}
+        if isinstance(value, list | set):
+            return type(value)(copied(v) for v in value)
+        return value
+
+    return _State(**{f.name: copied(getattr(state, f.name)) for f in fields(_State)})
+
+
 class MemoryStore:
     def __init__(self, created_ms: int = 0) -> None:
         self._s = _State()
@@ -46,7 +61,7 @@ class MemoryStore:
     @contextmanager
     def atomic(self) -> Iterator[None]:
         outbox, self._s.outbox = self._s.outbox, []  # append-only: a rollback truncates it, no copy needed
-        saved = copy.deepcopy(self._s)
+        saved = _savepoint(self._s)
         self._s.outbox = outbox
         length = len(outbox)
         try:
