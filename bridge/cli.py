@@ -8,6 +8,7 @@ import gc
 import getpass
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -582,7 +583,11 @@ def build_bridge(
     topics = Topics(settings.topic_prefix)
     will = Event(topics.status, orjson.dumps({"status": "offline", "epoch": service.epoch}), retain=True)
     address = broker or settings.broker()
-    options = {"client_id": settings.client_id, "keepalive": settings.keepalive, "will": will}
+    client_id = settings.client_id
+    if client_id == "chat-bridge" and settings.topic_prefix != DEFAULT_PREFIX:
+        # a bridge of another prefix on the same broker: a client id and a broker session of its own
+        client_id += ":" + re.sub(r"[^A-Za-z0-9_.-]", "_", settings.topic_prefix)[:64]
+    options = {"client_id": client_id, "keepalive": settings.keepalive, "will": will}
     client = MqttcTransport if settings.mqtt_client == "mqttc" else PahoTransport
     transport: Transport = commands or client(address, topics.commands, **options)  # type: ignore[arg-type]
     if publisher is not None:

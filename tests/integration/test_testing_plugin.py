@@ -72,8 +72,11 @@ def test_on_a_broker_where_another_bridge_is_online(tmp_path: Path, mosquitto: M
     with BridgeProcess(tmp_path / "theirs", broker_url=url) as theirs:
         # the same prefix: both bridges would take every command; refused before anything starts
         mine = BridgeProcess(tmp_path / "mine", broker_url=url)
-        with pytest.raises(BridgeStartError, match=r"another chat-bridge is online .* 'chat/v1'"):
-            mine.start()
+        try:
+            with pytest.raises(BridgeStartError, match=r"another chat-bridge is online .* 'chat/v1'"):
+                mine.start()
+        finally:
+            mine.stop()
         assert mine.epoch is None and mine.log() == ""
         code = "def test_mine(chat_client):\n    chat_client('alice')\n"
         result = run_pytest(tmp_path, code, f"--chat-bridge-broker-url={url}")
@@ -95,6 +98,8 @@ def test_on_a_broker_where_another_bridge_is_online(tmp_path: Path, mosquitto: M
         assert result.returncode == 0, result.stdout + result.stderr
         with theirs.client("carol") as carol:  # the other bridge saw none of it
             assert [c["conversation_id"] for c in carol.get_conversations()] == ["global"]
+        # nor lost its broker connection to it (one MQTT client id, one session per prefix)
+        assert "lost the connection" not in theirs.log(), theirs.log()
 
 
 def test_bridge_process_restart_keeps_the_data_and_changes_the_epoch(tmp_path: Path) -> None:
