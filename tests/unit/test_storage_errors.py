@@ -90,3 +90,18 @@ def test_an_unreachable_database_is_unavailable() -> None:
     with pytest.raises(StorageUnavailable) as down, SqlUnitOfWork(engine).transaction():
         pass
     assert down.value.connection_lost and is_transient(down.value)
+
+
+def test_a_pool_with_no_free_connection_is_unavailable(tmp_path: Path) -> None:
+    """Every pooled connection busy past the pool's timeout: an outage to retry, not SQLAlchemy's error."""
+    path = tmp_path / "e.sqlite3"
+    init_db(make_engine(f"sqlite:///{path}"), 0)
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}", pool_size=1, max_overflow=0, pool_timeout=0.05)
+    held = engine.raw_connection()
+    with pytest.raises(StorageUnavailable) as busy, SqlUnitOfWork(engine).reading():
+        pass
+    assert is_transient(busy.value) and not busy.value.connection_lost
+    held.close()
+    with SqlUnitOfWork(engine).reading() as store:
+        assert store.get_user("nobody") is None
+    engine.dispose()
