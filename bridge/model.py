@@ -127,7 +127,7 @@ class StorageError(Exception):
     ├── StorageUnavailable  the database cannot be reached or dropped the connection: retried, unanswered
     └── Conflict            a uniqueness rule was hit by a concurrent writer: the command is retried
 
-    `bridge.sql` translates the driver's errors into these at its boundary (`sql.TRANSLATION`).
+    `bridge.sql` translates the driver's errors into these at its boundary (`bridge/sql/errors.py`).
     """
 
 
