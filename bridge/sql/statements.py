@@ -8,7 +8,8 @@ caching and wrapping a SQLAlchemy statement per call cost 15-50 µs, the SQLite 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy import bindparam
@@ -56,6 +57,7 @@ class Prepared:
     sql: str
     positions: tuple[str, ...] | None  # bind names in order, for drivers with positional parameters
     constants: dict[str, Any]  # values bound in the statement itself, such as a LIMIT 1 or an IN list
+    pick: Callable[[dict[str, Any]], tuple[Any, ...]] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def compile(
@@ -71,12 +73,25 @@ class Prepared:
             for key, value in compiled.params.items()
             if value is not None and not (key in binds and binds[key].required)
         }
-        return cls(str(compiled), positions, constants)
+        return cls(str(compiled), positions, constants, _picker(positions))
 
     def args(self, params: dict[str, Any]) -> Any:
         if self.constants:
             params = {**self.constants, **params}
-        return params if self.positions is None else tuple(params[name] for name in self.positions)
+        return params if self.pick is None else self.pick(params)
+
+
+def _picker(positions: tuple[str, ...] | None) -> Callable[[dict[str, Any]], tuple[Any, ...]] | None:
+    """The positional parameters from the named ones, picked in C (itemgetter): several times faster
+    than a generator over the names, and every statement needs them."""
+    if positions is None:
+        return None
+    if len(positions) == 1:
+        name = positions[0]
+        return lambda params: (params[name],)
+    if not positions:
+        return lambda params: ()
+    return itemgetter(*positions)
 
 
 class Statements:
