@@ -14,7 +14,7 @@ delivered / time from the first send to the last delivery), then open loop at
 500 msg/s and at 25/50/75 % of the bridge's closed-loop maximum, messages
 evenly spaced (latency send -> delivery, from a timestamp in the body). Load
 comes from two separate processes. Then, in the same run, the closed loop
-again (at most 500 messages per sender) with the bridge's embedded amqtt broker
+again (at most 500 messages per sender, 150 with --quick) with the bridge's embedded amqtt broker
 (`chat-bridge serve --listen`) beside the raw relay through amqtt alone.
 
 Prints messages/s, events/s, p50/p99/max latency, the CPU and RSS of the bridge
@@ -478,7 +478,9 @@ def main() -> None:
         embedded_rows = rows
     elif not args.no_embedded:
         # fewer messages: the embedded bridge is the slowest phase
-        embedded_rows = embedded_phase(min(messages, 500), args.users, options, workdir)
+        embedded_rows = embedded_phase(
+            min(messages, 150 if args.quick else 500), args.users, options, workdir
+        )
     load_after = load_average()
     closed = closed_loop(rows)
     bridge_max, raw_max = closed["bridge"]["msgs_per_s"], closed["raw"]["msgs_per_s"]
