@@ -191,6 +191,32 @@ class Stack:
         self.cluster.stop()
 
 
+def stream_leaders(cluster: NatsCluster) -> dict[str, str | None]:
+    """NATS's MQTT streams -> the node that leads each (JetStream stream info)."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> dict[str, str | None]:
+        urls = [f"nats://chat-bridge:{BRIDGE_PW}@127.0.0.1:{n.client_port}" for n in cluster.nodes]
+        nc = await nats.connect(servers=urls, connect_timeout=5, max_reconnect_attempts=2)
+        try:
+            js = nc.jetstream(timeout=10)
+            out: dict[str, str | None] = {}
+            for stream in ("$MQTT_sess", "$MQTT_msgs", "$MQTT_rmsgs"):
+                with contextlib.suppress(Exception):
+                    info = await js.stream_info(stream)
+                    out[stream] = info.cluster.leader if info.cluster else None
+            return out
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(ask())
+    except Exception:
+        return {}
+
+
 def will_users(stack: Stack, names: list[str], partner_conv: dict[str, str], messages: int) -> dict[str, str]:
     """Each of these users sends `messages` messages and a `connect` of its session, then its
     connection dies abruptly: NATS publishes its will. Returns user -> session id."""
@@ -315,9 +341,13 @@ def run(
                     )
                 elif what == "node":
                     killed_node = 0
+                    name = stack.cluster.nodes[killed_node].name
+                    led = [st for st, leader in stream_leaders(stack.cluster).items() if leader == name]
                     stack.cluster.nodes[killed_node].kill()
                     node_kill_at = time.time()
-                    events.append(f"{stamp} SIGKILL NATS node {stack.cluster.nodes[killed_node].name}")
+                    events.append(
+                        f"{stamp} SIGKILL NATS node {name} (leader of {', '.join(led) or 'no MQTT stream'})"
+                    )
                 elif what == "join":
                     w = stack.add_worker()
                     w.wait_log("took partition", 60)
@@ -385,6 +415,13 @@ def run(
                 sum("fenced" in x for x in w.log[lines:]) for w, lines in paused
             )
             figures["worker_log_fenced"] = sum(w.count("fenced") for w in stack.workers + stack.dead)
+        except BaseException:
+            for line in events:
+                log(line)
+            for w in stack.workers + stack.dead:  # what went wrong, for the one who reads the failure
+                log(f"--- worker {w.id} (pid {w.pid}{'' if w.alive() else ', ended'})")
+                log("".join(line for line in w.log if " bridge.service: " not in line)[-4000:])
+            raise
         finally:
             stack.stop()
     for line in events:

@@ -17,7 +17,7 @@ what one costs per message and the messages are spread evenly, n workers on n co
 the load. On 2 cores 4 workers cannot run at once, so their wall-clock throughput does not grow.
 
     python bench/scaleout.py [--quick] [--users 256] [--messages 40] [--workers 1,2,4] [--cluster]
-        [--no-mosquitto]
+        [--nodes 1,3] [--no-mosquitto]
 
 Needs nats-server (2.9), mosquitto and a PostgreSQL server (CHAT_BRIDGE_TEST_POSTGRES, default
 postgresql://postgres@127.0.0.1:5432/postgres: scratch databases are created and dropped).
@@ -112,13 +112,16 @@ class WorkerProc:
         lease: float = 10,
         extra: tuple[str, ...] = (),
     ) -> None:
-        n = cluster.nodes[node % len(cluster.nodes)]
         urls = ",".join(f"nats://chat-bridge:{BRIDGE_PW}@127.0.0.1:{x.client_port}" for x in cluster.nodes)
+        # every node's MQTT listener, its own first: its MQTT connection moves on when that node dies
+        k = node % len(cluster.nodes)
+        order = cluster.nodes[k:] + cluster.nodes[:k]
+        mqtt_urls = ",".join(f"mqtt://chat-bridge:{BRIDGE_PW}@127.0.0.1:{x.mqtt_port}" for x in order)
         self.log: list[str] = []
         args = [
             sys.executable, "-m", "bridge", "serve",
             "--nats-url", urls,
-            "--broker-url", f"mqtt://chat-bridge:{BRIDGE_PW}@127.0.0.1:{n.mqtt_port}",
+            "--broker-url", mqtt_urls,
             "--database-url", database_url,
             "--partitions", str(cluster.partitions),
             "--lease", str(lease),
@@ -601,6 +604,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
     parser.add_argument("--partitions", type=int, default=natsconf.DEFAULT_PARTITIONS)
     parser.add_argument("--cluster", action="store_true", help="also over a 3-node NATS cluster")
+    parser.add_argument("--nodes", help="NATS cluster sizes to run, comma-separated (1, 3; default 1)")
     parser.add_argument("--no-mosquitto", action="store_true", help="skip the Mosquitto bridge")
     parser.add_argument("--json", type=Path, default=Path("bench/results/scaleout.json"))
     args = parser.parse_args()
@@ -617,7 +621,8 @@ def main() -> None:
     if not args.no_mosquitto:
         rows.append(mosquitto_run(workdir, users, messages))
         print(table(rows[-1:]).splitlines()[1], flush=True)
-    for size in [1, 3] if args.cluster else [1]:
+    sizes = [int(x) for x in args.nodes.split(",")] if args.nodes else [1, 3] if args.cluster else [1]
+    for size in sizes:
         with scratch_database() as database_url:
             cluster = nats_cluster(workdir / f"nats{size}", users, size, args.partitions)
             try:

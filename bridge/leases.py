@@ -202,6 +202,12 @@ class Leases:
             cur.execute(self._sql("SELECT partition, owner, expires_ms > NOW_MS FROM partition_leases"))
             return {int(p): (o, bool(alive)) for p, o, alive in cur.fetchall()}
 
+    def epochs(self) -> dict[int, int]:
+        """partition -> its lease epoch (0: no worker ever held it); the housekeeping lease left out."""
+        with self._tx() as cur:
+            cur.execute(self._sql("SELECT partition, epoch FROM partition_leases WHERE partition >= 0"))
+            return {int(p): int(e) for p, e in cur.fetchall()}
+
     def acquire(self, partition: int) -> Lease | None:
         """Takes a partition whose lease is free or expired, with a new epoch; None if it is held."""
         with self._tx() as cur:

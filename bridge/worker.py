@@ -546,20 +546,33 @@ class Worker:
 
     async def _add_missing_consumers(self) -> None:
         await self.js.stream_info(STREAM)
-        existing = {c.name for c in await self.js.consumers_info(STREAM)}
-        for q in range(self.partition_count):
-            if not any(name.startswith(f"chat-p{q}-e") for name in existing):
-                await self._add_consumer(q, 0, 0)
-        if WILLS not in existing:
-            await self.js.add_consumer(
-                STREAM,
-                ConsumerConfig(
-                    durable_name=WILLS,
-                    filter_subject=self.subjects.wills,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=30,
-                ),
-            )
+        # A partition no worker ever held (epoch 0) gets its first consumer here (creating it again
+        # with the same configuration changes nothing); a held one has its owner's, and a new owner
+        # creates the next before it deletes that one. Not found by listing the stream's consumers:
+        # a list stops at 256 (every MQTT subscription has a consumer there too) and, with a node
+        # down, leaves out those whose leader was on it.
+        epochs = await self._retrying(self.leases.epochs, lease=True)
+        fresh = [q for q, e in sorted(epochs.items()) if e == 0]
+        await asyncio.gather(*(self._add_consumer(q, 0, 0) for q in fresh))
+        # A partition taken meanwhile: its owner may have deleted the consumer of epoch 0 just before
+        # it was created again here, and that one would keep the partition's messages for ever. Once
+        # the owner's own consumer exists, it goes (never before: a partition without a consumer
+        # loses what is published to it).
+        now = await self._retrying(self.leases.epochs, lease=True)
+        for q in fresh:
+            if now.get(q, 0) > 0:
+                with contextlib.suppress(Exception):
+                    await self.js.consumer_info(STREAM, consumer_name(q, now[q]))
+                    await self.js.delete_consumer(STREAM, consumer_name(q, 0))
+        await self.js.add_consumer(
+            STREAM,
+            ConsumerConfig(
+                durable_name=WILLS,
+                filter_subject=self.subjects.wills,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30,
+            ),
+        )
 
     async def _add_consumer(self, partition: int, epoch: int, applied: int) -> str:
         name = consumer_name(partition, epoch)
@@ -830,14 +843,19 @@ class Worker:
         )
         self.metrics.leader.set(1)
         self._status.start(asyncio.get_running_loop())
-        online = p.BridgeStatus(status="online", epoch=self.epoch, since=self.since)
-        await self._status.publish(status, online.model_dump_json().encode())
-        log.info("worker %s leads housekeeping; bridge online (epoch %s)", self.worker_id, self.epoch)
         housekeeping = _Partition(lease, self._service("h"))
+        # not awaited here: until its MQTT connection is up (a listener may be down), the status
+        # waits, and the rebalancing must not (it takes the partitions of workers that die)
         self._leader_tasks = [
+            asyncio.create_task(self._announce(self._status)),
             asyncio.create_task(self._route_wills()),
             asyncio.create_task(self._expire_later(housekeeping)),
         ]
+
+    async def _announce(self, publisher: RetainedPublisher) -> None:
+        online = p.BridgeStatus(status="online", epoch=self.epoch, since=self.since)
+        await publisher.publish(self.topics.status, online.model_dump_json().encode())
+        log.info("worker %s leads housekeeping; bridge online (epoch %s)", self.worker_id, self.epoch)
 
     async def _stop_leading(self, release: bool = False) -> None:
         for t in self._leader_tasks:

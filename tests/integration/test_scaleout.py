@@ -50,9 +50,13 @@ class WorkerProc:
         node: int = 0,
         lease: float = 6,
         http: int | None = None,
+        mqtt_ports: list[int] | None = None,
     ) -> None:
-        n = cluster.nodes[node]
         urls = ",".join(f"nats://chat-bridge:bridge-pw@127.0.0.1:{x.client_port}" for x in cluster.nodes)
+        # every node's MQTT listener, its own first (the next one when that node is gone)
+        order = cluster.nodes[node:] + cluster.nodes[:node]
+        ports = mqtt_ports or [x.mqtt_port for x in order]
+        mqtt_urls = ",".join(f"mqtt://chat-bridge:bridge-pw@127.0.0.1:{p}" for p in ports)
         self.log: list[str] = []
         self.proc = subprocess.Popen(
             [
@@ -63,7 +67,7 @@ class WorkerProc:
                 "--nats-url",
                 urls,
                 "--broker-url",
-                f"mqtt://chat-bridge:bridge-pw@127.0.0.1:{n.mqtt_port}",
+                mqtt_urls,
                 "--database-url",
                 database_url,
                 "--partitions",
@@ -501,3 +505,79 @@ def test_nats_reloads_new_accounts_after_the_workers_published_retained_topics(
         assert node.proc.poll() is None
     finally:
         worker.stop()
+
+
+def test_a_worker_finds_the_partitions_consumers_among_more_than_a_consumer_list_holds(
+    cluster1: NatsCluster, pg_url: str
+) -> None:
+    # Every MQTT subscription has a consumer in NATS's MQTT stream too, and a consumer list stops at
+    # 256: a worker that joined must not take the partitions held by another for consumerless and
+    # give them a consumer of epoch 0 again (which would keep their messages in the stream for ever).
+    import asyncio
+
+    import nats
+
+    probe = client(cluster1, "u0")
+
+    async def consumers(add: int = 0) -> list[str]:
+        nc = await nats.connect(f"nats://chat-bridge:bridge-pw@127.0.0.1:{cluster1.nodes[0].client_port}")
+        js = nc.jetstream(timeout=20)
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        for i in range(add):  # as many as 300 subscriptions' consumers, sorted before the workers'
+            await js.add_consumer(
+                "$MQTT_msgs",
+                ConsumerConfig(
+                    durable_name=f"a-sub-{i:03}",
+                    filter_subject=f"$MQTT.msgs.x.{i}",
+                    ack_policy=AckPolicy.EXPLICIT,
+                ),
+            )
+        names, offset = [], 0
+        while True:  # every page
+            resp = await js._api_request(
+                "$JS.API.CONSUMER.NAMES.$MQTT_msgs", json.dumps({"offset": offset}).encode(), timeout=20
+            )
+            names += resp.get("consumers") or []
+            offset = len(names)
+            if offset >= resp["total"] or not resp.get("consumers"):
+                break
+        await nc.close()
+        return names
+
+    first = WorkerProc(cluster1, pg_url)
+    second = None
+    try:
+        probe.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        wait_balanced(pg_url, 1)
+        asyncio.run(consumers(add=300))
+        second = WorkerProc(cluster1, pg_url)
+        wait_balanced(pg_url, 2, timeout=60)
+        names = asyncio.run(consumers())
+        mine = sorted(n for n in names if n.startswith("chat-p"))
+        assert [n for n in mine if n.endswith("-e0")] == [], mine
+        assert len(mine) == PARTITIONS, mine  # one consumer per partition, of its owner's epoch
+    finally:
+        for w in (first, second):
+            if w is not None:
+                w.stop()
+
+
+def test_a_leader_without_an_mqtt_listener_still_hands_partitions_over(
+    cluster1: NatsCluster, pg_url: str
+) -> None:
+    # its retained status waits for an MQTT connection; the partitions must not wait with it
+    client(cluster1, "u0")  # NATS's MQTT streams
+    nowhere = free_port()  # nothing listens there
+    first = WorkerProc(cluster1, pg_url, mqtt_ports=[nowhere])
+    second = None
+    try:
+        first.wait_log("joins the cluster", 60)
+        wait_balanced(pg_url, 1, timeout=60)  # alone: it leads too
+        second = WorkerProc(cluster1, pg_url)
+        owned = wait_balanced(pg_url, 2, timeout=60)
+        assert sorted(owned.values()) == [8, 8]
+    finally:
+        for w in (first, second):
+            if w is not None:
+                w.stop()
