@@ -9,7 +9,10 @@ sent again by the client's library after it reconnects.
 - `AckAfterCommit`, amqtt's protocol handler for one client connection, queues a QoS 1 publish to a
   command topic for delivery without the PUBACK amqtt would send at once; the PUBACK leaves when the
   pipeline acknowledges the command, and PUBACKs leave in the order the publishes arrived (MQTT 3.1.1
-  section 4.6), several in one write.
+  section 4.6), several in one write. A QoS 2 one is delivered on its PUBLISH (once: the same
+  packet id again before its PUBREL is not delivered again) and its PUBREC, after which the client
+  never sends it again, waits for the commit the same way; amqtt sent PUBREC at once and PUBCOMP
+  once it was routed, both before the commit.
 - `CommandGate` is where the broker puts the commands it routes (after its topic rules and its flood
   guard; last wills too) and where the pipeline takes them, in order, a burst at a time; commands that
   arrive before the pipeline started wait there (the pipeline's probe marks their end, as with a
@@ -46,14 +49,20 @@ def _nothing() -> None:
     pass
 
 
+PUBACK, PUBREC = b"\x40\x02", b"\x50\x02"  # fixed headers of the acknowledgements written here
+PUBCOMP = b"\x70\x02"
+
+
 class _Pending:
-    """One QoS 1 command publish of a connection, waiting for its acknowledgement."""
+    """One QoS 1 or QoS 2 command publish of a connection, waiting for its acknowledgement (`kind`:
+    PUBACK or PUBREC)."""
 
-    __slots__ = ("acked", "handler", "packet_id")
+    __slots__ = ("acked", "handler", "kind", "packet_id")
 
-    def __init__(self, handler: AckAfterCommit, packet_id: int) -> None:
+    def __init__(self, handler: AckAfterCommit, packet_id: int, kind: bytes = PUBACK) -> None:
         self.handler = handler
         self.packet_id = packet_id
+        self.kind = kind
         self.acked = False
 
     def __call__(self) -> None:
@@ -70,7 +79,7 @@ class AckAfterCommit(BrokerProtocolHandler):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._unacked: deque[_Pending] = deque()  # in the order the publishes arrived
         self._by_message: dict[int, tuple[Any, _Pending]] = {}  # id(message) -> (message, its ack)
-        self._pubacks: list[int] = []
+        self._pubacks: list[bytes] = []
         self._writing = False
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
@@ -86,6 +95,46 @@ class AckAfterCommit(BrokerProtocolHandler):  # type: ignore[misc]
         self._by_message[id(app_message)] = (app_message, pending)
         await self.session.delivered_message_queue.put(app_message)
 
+    async def _handle_qos2_message_flow(self, app_message: Any) -> None:
+        gate = self.gate
+        if gate is None or app_message.direction != INCOMING or not gate.wants(app_message.topic):
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        session = self.session
+        if app_message.packet_id is None or session is None:
+            raise AMQTTError("a QoS 2 publish without a packet id, or without a session")
+        packet_id = app_message.packet_id
+        received = _qos2_received(session)
+        pending = received.get(packet_id)
+        if pending is None:  # new: delivered now, PUBREC after the commit
+            pending = received[packet_id] = _Pending(self, packet_id, PUBREC)
+            session.inflight_in[packet_id] = app_message
+            self._unacked.append(pending)
+            self._by_message[id(app_message)] = (app_message, pending)
+            await session.delivered_message_queue.put(app_message)
+        elif pending.acked:  # again after its PUBREC (a DUP, a resumed session): PUBREC again
+            self._queue(PUBREC, packet_id)
+        elif pending.handler is not self:  # again on a new connection before its commit: PUBREC here
+            pending.handler = self
+            self._unacked.append(pending)
+
+    async def handle_pubrel(self, pubrel: Any) -> None:
+        """The PUBREL of a QoS 2 command (or of one this broker no longer knows, as after a restart):
+        PUBCOMP; amqtt answered neither, and the client's library kept waiting for it."""
+        packet_id = pubrel.packet_id
+        if packet_id in self._pubrel_waiters or self.session is None:
+            await super().handle_pubrel(pubrel)  # amqtt's own QoS 2 flow (not a command)
+            return
+        if _qos2_received(self.session).pop(packet_id, None) is not None:
+            self.session.inflight_in.pop(packet_id, None)
+        self._queue(PUBCOMP, packet_id)
+
+    def _queue(self, kind: bytes, packet_id: int) -> None:
+        self._pubacks.append(kind + packet_id.to_bytes(2, "big"))
+        if not self._writing:
+            self._writing = True
+            asyncio.get_running_loop().create_task(self._write_pubacks())
+
     def take_ack(self, message: Any) -> Callable[[], None] | None:
         """The acknowledgement of a message taken from the delivery queue (None: not deferred)."""
         entry = self._by_message.pop(id(message), None)
@@ -97,7 +146,9 @@ class AckAfterCommit(BrokerProtocolHandler):  # type: ignore[misc]
         pending.acked = True
         unacked, ready = self._unacked, self._pubacks
         while unacked and unacked[0].acked:
-            ready.append(unacked.popleft().packet_id)
+            done = unacked.popleft()
+            if done.handler is self:  # not moved to a newer connection of the session
+                ready.append(done.kind + done.packet_id.to_bytes(2, "big"))
         if ready and not self._writing:
             self._writing = True
             asyncio.get_running_loop().create_task(self._write_pubacks())
@@ -105,8 +156,8 @@ class AckAfterCommit(BrokerProtocolHandler):  # type: ignore[misc]
     async def _write_pubacks(self) -> None:
         try:
             while self._pubacks and self.writer is not None:
-                ids, self._pubacks = self._pubacks, []
-                data = b"".join(b"\x40\x02" + pid.to_bytes(2, "big") for pid in ids)
+                packets, self._pubacks = self._pubacks, []
+                data = b"".join(packets)
                 async with self._write_lock:
                     self.writer.write(data)
                     await self.writer.drain()
@@ -115,6 +166,16 @@ class AckAfterCommit(BrokerProtocolHandler):  # type: ignore[misc]
         finally:
             self._pubacks.clear()
             self._writing = False
+
+
+def _qos2_received(session: Any) -> dict[int, _Pending]:
+    """A session's QoS 2 commands delivered and not released yet (kept with the session: a persistent
+    one's client may send the PUBLISH again, or its PUBREL, on a later connection)."""
+    received: dict[int, _Pending] | None = getattr(session, "_bridge_qos2", None)
+    if received is None:
+        received = {}
+        session._bridge_qos2 = received
+    return received
 
 
 class CommandGate:
