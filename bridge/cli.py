@@ -185,7 +185,8 @@ OPTIONS = (
         "--mqtt-client",
         "CHAT_BRIDGE_MQTT_CLIENT",
         "mqttc",
-        "the bridge's own MQTT client: mqttc (its asyncio client, less CPU per message) or paho",
+        "with --broker-url: the bridge's own MQTT client, mqttc (its asyncio client, less CPU per "
+        "message) or paho (the embedded broker hands commands over in-process)",
     ),
     ("--log-level", "CHAT_BRIDGE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     (
