@@ -31,6 +31,7 @@ import socket
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -73,6 +74,12 @@ WS_OPEN_TIMEOUT = 10.0  # seconds for a WebSocket opening handshake
 CONNECT_TIMEOUT = 10.0  # seconds from accepting a connection (TCP or WebSocket) to its CONNECT
 MAX_PACKET = 131_072  # bytes of one MQTT packet from a client, as the shipped Mosquitto's max_packet_size
 WS_QUEUE = 4  # WebSocket messages a connection buffers before its reader takes them
+MAX_HASHING = 16  # password checks (PBKDF2) running or waiting at once; beyond, refused unchecked
+# Retained messages replayed to the new subscriptions of one account (without accounts: of one
+# address): bursts of REPLAY_BURST, then REPLAY_RATE a second; beyond, a subscription gets none. A
+# SUBSCRIBE to `#` with 5,000 presence topics retained is 5,000 publishes for the broker.
+REPLAY_BURST = 20_000
+REPLAY_RATE = 1000
 MAX_QOS2_INFLIGHT = 32  # a client's QoS 2 publishes waiting for its PUBREL (kept in its session)
 # Repeated warnings (refused connections, full queues) are logged at most once a minute per key: a
 # crowd of misbehaving clients cannot flood the log.
@@ -346,16 +353,26 @@ class Accounts:
         return self._entries
 
     def verify(self, user: str, password: str) -> bool:
+        quick = self.quick(user, password)
+        return quick if isinstance(quick, bool) else quick()
+
+    def quick(self, user: str, password: str) -> bool | Callable[[], bool]:
+        """False for no such account, True for the password that verified last (reconnects do not
+        pay PBKDF2 again); else the check to run, on any thread (it remembers a success)."""
         stored = self.current().get(user)
         if stored is None:
             return False
         key = hashlib.sha256(f"{stored}\0{password}".encode()).hexdigest()
-        if self._verified.get(user) == key:  # reconnects do not pay PBKDF2 again
+        if self._verified.get(user) == key:
             return True
-        if not passwords.verify(password, stored):
-            return False
-        self._verified[user] = key
-        return True
+
+        def check() -> bool:
+            if not passwords.verify(password, stored):
+                return False
+            self._verified[user] = key
+            return True
+
+        return check
 
 
 class FloodGuard(BaseTopicPlugin):  # type: ignore[misc]
@@ -492,6 +509,22 @@ class _Buckets(OrderedDict[Any, tuple[float, int]]):
         left, at = self.get(key, (self.burst, now_ms))
         return min(self.burst, left + max(0, now_ms - at) / self.every_ms)
 
+    def take(self, key: Any, count: int, now_ms: int) -> bool:
+        """Takes `count` (going into debt if need be) unless the bucket is in debt or empty."""
+        left = self.tokens(key, now_ms) if key in self else self.burst
+        if left < 1:
+            return False
+        if key in self:
+            self.move_to_end(key)
+        elif len(self) >= self.max_tracked:
+            self.popitem(last=False)
+        self[key] = (left - count, now_ms)
+        return True
+
+    def refund(self, key: Any, now_ms: int) -> None:
+        if key in self:
+            self[key] = (min(self.burst, self.tokens(key, now_ms) + 1), now_ms)
+
     def charge(self, key: Any, now_ms: int) -> None:
         left = self.tokens(key, now_ms)
         if key in self:
@@ -566,6 +599,12 @@ class FailedLogins:
         self._left.charge(pair[0], now_ms)
         self._pairs.charge(pair, now_ms)
 
+    def refund(self, address: str, user: str, now_ms: int) -> None:
+        """Gives back a failure counted before a check that then succeeded."""
+        pair = self._pair(address, user)
+        self._left.refund(pair[0], now_ms)
+        self._pairs.refund(pair, now_ms)
+
     def succeeded(self, address: str, user: str) -> None:
         pair = self._pair(address, user)
         if pair in self._known:
@@ -621,6 +660,11 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         self.caps = caps
         self.failed_logins = FailedLogins()
         self.pending = PendingConnections(caps.max_pending, caps.max_pending_per_address)
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="passwords")
+        self._hashing = 0  # password checks running or waiting for the hasher
+        self.max_hashing = MAX_HASHING
+        # retained messages replayed to one account's (or address's) new subscriptions
+        self._replays = _Buckets(REPLAY_BURST, 1000 // REPLAY_RATE or 1, 100_000)
         self._bridge_secret = bridge_secret
         self._admitted: dict[int, Any] = {}  # id -> session, between admission and amqtt's auth call
         self._account_task: asyncio.Task[None] | None = None
@@ -643,6 +687,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         ):
             await asyncio.sleep(0.01)
         await super().shutdown()
+        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     async def announce_offline(self, topic: str, epoch: str, since: str) -> None:
         """Publishes the bridge's `offline` status in-process unless it is retained already: the bridge's
@@ -763,7 +808,33 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
 
     # -- admission, before any session work --------------------------------------------------
 
-    def _check(self, incoming: Any, address: str = "?") -> None:
+    async def _verify(self, address: str, user: str, password: str, now: int) -> bool:
+        """Whether the password is right (failures counted). PBKDF2 runs on one thread of its own,
+        not on the event loop the broker and the bridge share, at most `max_hashing` checks waiting
+        (beyond: refused unchecked and not counted, "server unavailable"; the client tries again).
+        The failure is counted before the check and given back on success, so guesses sent together
+        get no more checks than one after the other."""
+        assert self.accounts is not None
+        quick = self.accounts.quick(user, password) if user else False
+        if isinstance(quick, bool):
+            if not quick:
+                self.failed_logins.failed(address, user, now)
+            return quick
+        if self._hashing >= self.max_hashing:
+            raise Refused(
+                SERVER_UNAVAILABLE, f"{self._hashing} passwords are being checked: {user[:65]!r} not"
+            )
+        self.failed_logins.failed(address, user, now)
+        self._hashing += 1
+        try:
+            right = await asyncio.get_running_loop().run_in_executor(self._hasher, quick)
+        finally:
+            self._hashing -= 1
+        if right:
+            self.failed_logins.refund(address, user, _now_ms())
+        return right
+
+    async def _check(self, incoming: Any, address: str = "?") -> None:
         """Raises Refused unless this CONNECT (from this address) may go on to session work."""
         user = incoming.username or ""
         password = incoming.password or ""
@@ -783,8 +854,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             now, shown = _now_ms(), user[:65]  # (a name may be 64 KiB long: not in the log)
             if not self.failed_logins.allowed(address, user, now):
                 raise Refused(NOT_AUTHORIZED, f"{address} failed to log in as {shown!r} too often: unchecked")
-            if not user or not self.accounts.verify(user, password):
-                self.failed_logins.failed(address, user, now)
+            if not await self._verify(address, user, password, now):
                 raise Refused(NOT_AUTHORIZED, f"unknown user or wrong password for {shown!r}")
             self.failed_logins.succeeded(address, user)
             if not client_id_allowed(user, client_id):
@@ -836,7 +906,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             await writer.close()
             raise AMQTTError(exc) from exc
         try:
-            self._check(incoming, (writer.get_peer_info() or ("?", 0))[0])
+            await self._check(incoming, (writer.get_peer_info() or ("?", 0))[0])
             existing = self._sessions.get(incoming.client_id) if incoming.client_id else None
             if existing is not None and (existing[0].username or "") != (incoming.username or ""):
                 raise Refused(IDENTIFIER_REJECTED, f"client id {incoming.client_id!r} is another user's")
@@ -1017,15 +1087,33 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         handler = self._get_handler(session)
         if handler is None:
             return
+        matching = [
+            (t, r) for t, r in list(self._retained_messages.items()) if self._matches(t, topic_filter)
+        ]
+        if not matching:
+            return
+        if session.username != BRIDGE_ACCOUNT:
+            # who pays: the account, or without accounts (where names are free) the address
+            key = session.username if self.accounts is not None else address_key(str(session.remote_address))
+            if not self._replays.take(key, len(matching), _now_ms()):
+                if _LOG_LIMIT.due(f"replay {key}", _now_ms()):
+                    log.warning(
+                        "%s subscribed to retained messages again and again: %s gets none of them for now "
+                        "(at most %d a second)",
+                        key,
+                        session.client_id,
+                        REPLAY_RATE,
+                    )
+                return
         sends = []
-        for topic, retained in list(self._retained_messages.items()):
-            if self._matches(topic, topic_filter) and await self._topic_filtering(
-                session, topic, Action.RECEIVE
-            ):
+        for n, (topic, retained) in enumerate(matching, 1):
+            if await self._topic_filtering(session, topic, Action.RECEIVE):
                 publish = handler.mqtt_publish(
                     retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
                 )
                 sends.append(asyncio.ensure_future(publish))
+            if n % 64 == 0:
+                await asyncio.sleep(0)  # thousands of them: the others are served meanwhile
         if sends:
             await asyncio.wait(sends)
 

@@ -23,6 +23,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 PREFIX = "chat/v1"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_throttle() -> Iterator[None]:
+    """The crowds here fill the minute's quota of amqtt's and the WebSockets listener's warning lines
+    (`LogThrottle`, one per process): tests after them would see none of theirs."""
+    yield
+    from bridge.broker import _THROTTLE
+
+    _THROTTLE._windows.clear()
+
+
 @contextmanager
 def embedded(tmp_path: Path, *, accounts: bool = True, **options: Any) -> Iterator[EmbeddedBroker]:
     """The embedded broker (with the accounts of ACCOUNTS unless told otherwise) and the bridge on it,
@@ -662,3 +672,88 @@ def test_qos2_publishes_never_released_are_capped(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert len(bob.got) == MAX_QOS2_INFLIGHT + 8 and not bob.gone.is_set()
         bob.stop()
+
+
+def test_guessing_from_many_addresses_does_not_stall_the_broker(tmp_path: Path) -> None:
+    """Forty addresses guess bob's password, each within its budget (10): every wrong password was
+    hashed on the event loop the broker and the bridge share, about 10-30 ms each, so alice, logged
+    in all along, waited seconds for her answers."""
+    with embedded(tmp_path) as broker:
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        round_trip(alice)
+        stop = threading.Event()
+
+        def guess(source: str) -> None:
+            for i in range(10):
+                if stop.is_set():
+                    return
+                Raw(broker.port, f"bob:g{i}", "bob", f"guess-{i}", source=source).stop()
+
+        guessers = [threading.Thread(target=guess, args=(f"127.0.3.{n + 1}",)) for n in range(40)]
+        for t in guessers:
+            t.start()
+        worst = 0.0
+        try:
+            for _ in range(20):
+                start = time.monotonic()
+                round_trip(alice)
+                worst = max(worst, time.monotonic() - start)
+        finally:
+            stop.set()
+            for t in guessers:
+                t.join(30)
+        assert worst < 1.0, f"alice waited {worst:.1f} s for an answer"
+        alice.stop()
+
+
+def test_subscribing_to_everything_again_and_again_does_not_stall_the_broker(tmp_path: Path) -> None:
+    """With 5,000 presence topics retained, each SUBSCRIBE to `#` made the broker replay all of them
+    on the loop it shares with the bridge: 300 of them from mallory's own account and alice waited
+    5.8 s for an answer. Now an account's replays are budgeted (bursts of 20,000 messages, then 1,000
+    a second) and yield to the others; bob's first subscription still gets every presence topic."""
+    import asyncio
+
+    with embedded(tmp_path) as broker:
+
+        async def fill() -> None:
+            for i in range(5000):
+                await broker.broker.retain_message(None, f"{PREFIX}/presence/u{i}", b'{"status":"online"}', 1)
+
+        alice = user("alice", broker.port)
+        alice.connect_chat()
+        asyncio.run_coroutine_threadsafe(fill(), broker._loop).result(60)  # type: ignore[arg-type]
+        round_trip(alice)
+        conn = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+        connect = b"\x00\x04MQTT\x04\xc2\x00\x3c" + _mqtt_string("mallory:s")
+        conn.sendall(_packet(0x10, connect + _mqtt_string("mallory") + _mqtt_string(ACCOUNTS["mallory"])))
+        assert conn.recv(4) == b"\x20\x02\x00\x00"
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):
+                for i in range(300):
+                    conn.sendall(_packet(0x82, (i + 1).to_bytes(2, "big") + _mqtt_string("#") + b"\x00"))
+
+        def drain() -> None:
+            with contextlib.suppress(OSError):
+                while conn.recv(65536):
+                    pass
+
+        threading.Thread(target=drain, daemon=True).start()
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        worst, start = 0.0, time.monotonic()
+        while flooder.is_alive() or time.monotonic() - start < 3:
+            sent = time.monotonic()
+            round_trip(alice)
+            worst = max(worst, time.monotonic() - sent)
+        conn.close()
+        assert worst < 2.0, f"alice waited {worst:.1f} s for an answer"
+        bob = Raw(broker.port, "bob:p", "bob", ACCOUNTS["bob"])
+        bob.client.subscribe(f"{PREFIX}/presence/+", 0)  # (QoS 0: 5,000 PUBACKs are not the point)
+        deadline = time.monotonic() + 30
+        while len(bob.got) < 5000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len({t for t, _ in bob.got}) >= 5000
+        bob.stop()
+        alice.stop()
