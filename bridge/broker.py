@@ -31,7 +31,7 @@ import socket
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -41,7 +41,6 @@ from urllib.parse import urlsplit
 
 import orjson
 import websockets.asyncio.server
-from websockets.exceptions import ConnectionClosed
 from amqtt.adapters import (
     ReaderAdapter,
     StreamReaderAdapter,
@@ -58,6 +57,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BasePlugin, BaseTopicPlugin
 from amqtt.session import INCOMING
 from amqtt.utils import gen_client_id
+from websockets.exceptions import ConnectionClosed
 
 from . import passwords
 from .inprocess_transport import AckAfterCommit, CommandGate
@@ -1196,29 +1196,56 @@ class InProcessPublisher:
             await self.broker.internal_message_broadcast(topic, payload)
 
 
-def check_port_free(host: str, port: int, option: str = "--listen") -> None:
-    """Fails fast, with what to do, when something else already listens there (`option` is the one
-    that chose the address: `--listen` or `--ws-listen`)."""
+def port_problem(host: str, port: int, option: str = "--listen") -> str | None:
+    """What is wrong with listening on host:port (for `option`, the flag that chose it), with what to
+    do about it; None when the address is free."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE and option == "--ws-listen":
-                raise BrokerStartError(
+            if exc.errno != errno.EADDRINUSE:
+                return f"{option} {host}:{port}: cannot listen there: {exc.strerror}"
+            if option == "--ws-listen":
+                return (
                     f"{host}:{port} is already in use (another broker's WebSockets listener, such as "
                     f"Mosquitto's, may be running there). Let the embedded broker serve WebSockets "
-                    f"elsewhere, e.g. `chat-bridge serve --ws-listen 127.0.0.1:9002`, or not at all "
-                    f"with `--ws-listen off`."
-                ) from None
-            if exc.errno == errno.EADDRINUSE:
-                raise BrokerStartError(
-                    f"{host}:{port} is already in use (another MQTT broker, such as a local Mosquitto, "
-                    f"may be running there). Either let the embedded broker listen elsewhere, e.g. "
-                    f"`chat-bridge serve --listen 127.0.0.1:1884`, or use the running broker with "
-                    f"`chat-bridge serve --broker-url mqtt://{host}:{port}`."
-                ) from None
-            raise BrokerStartError(f"{option} {host}:{port}: cannot listen there: {exc.strerror}") from None
+                    f"elsewhere, e.g. with `--ws-listen 127.0.0.1:9002`, or not at all with "
+                    f"`--ws-listen off`."
+                )
+            if option == "--http-listen":
+                return (
+                    f"{host}:{port} is already in use (another web server may be running there). "
+                    f"Serve the page and /healthz elsewhere, e.g. with `--http-listen 127.0.0.1:8081`, "
+                    f"or not at all with `--http-listen off`."
+                )
+            return (
+                f"{host}:{port} is already in use (another MQTT broker, such as a local Mosquitto, "
+                f"may be running there). Either let the embedded broker listen elsewhere, e.g. with "
+                f"`--listen 127.0.0.1:1884`, or use the running broker with "
+                f"`--broker-url mqtt://{host}:{port}`."
+            )
+    return None
+
+
+def check_ports_free(addresses: Sequence[tuple[str, int, str]]) -> None:
+    """Fails fast when any of the (host, port, option) addresses is taken, naming every one at once
+    (a newcomer with a local Mosquitto on 1883 and 9001 learns both in one go)."""
+    problems = [p for host, port, option in addresses if (p := port_problem(host, port, option))]
+    if len(problems) == 1:
+        raise BrokerStartError(problems[0])
+    if problems:
+        raise BrokerStartError(
+            "these addresses are taken:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\n(the options work with `chat-bridge serve` and `scripts/serve` alike)"
+        )
+
+
+def check_port_free(host: str, port: int, option: str = "--listen") -> None:
+    """Fails fast, with what to do, when something else already listens there (`option` is the one
+    that chose the address: `--listen` or `--ws-listen`)."""
+    check_ports_free([(host, port, option)])
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .broker import (
     Caps,
     InProcessPublisher,
     Security,
-    check_port_free,
+    check_ports_free,
     flood_guard_for,
     start_broker,
     ws_url,
@@ -699,6 +699,14 @@ def serve(settings: Settings) -> int:
         from .worker import serve_worker
 
         return asyncio.run(serve_worker(settings, is_transient))
+    if not settings.broker_url:
+        # every taken address named at once, before anything listens or the database is touched
+        taken = [(*parse_listen(settings.listen), "--listen")]
+        if (ws := settings.ws_address()) is not None:
+            taken.append((*ws, "--ws-listen"))
+        if settings.http_listen:
+            taken.append((*parse_listen(settings.http_listen, "--http-listen"), "--http-listen"))
+        check_ports_free(taken)
     monitoring = Monitoring(settings)  # before anything else: a taken port fails fast
     try:
         if settings.broker_url:
@@ -728,9 +736,7 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
     ws = settings.ws_address()
     # A busy port fails fast, before the database is touched; a bad database fails before the broker
     # starts (nothing to stop then).
-    check_port_free(host, port)
-    if ws is not None:
-        check_port_free(*ws, option="--ws-listen")
+    check_ports_free([(host, port, "--listen"), *([(*ws, "--ws-listen")] if ws is not None else [])])
     open_database(settings.database_url).dispose()
     gate = CommandGate(settings.topic_prefix)
     broker = await start_broker(
@@ -742,9 +748,7 @@ async def serve_embedded(settings: Settings, monitoring: Monitoring) -> int:
         bridge_secret=secret,
         ws_listen=ws,
         ws_origins=settings.ws_origins,
-        caps=Caps(
-            max_pending=settings.max_pending, max_pending_per_address=settings.max_pending_per_address
-        ),
+        caps=Caps(max_pending=settings.max_pending, max_pending_per_address=settings.max_pending_per_address),
         commands=gate,
     )
     # Commands come in-process from the broker, and the client's PUBACK waits for their commit;
