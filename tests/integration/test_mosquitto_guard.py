@@ -115,11 +115,21 @@ class Raw:
         assert done.wait(10)
 
     def wait_for(self, match: Callable[[paho.MQTTMessage], bool], timeout: float = 10) -> paho.MQTTMessage:
+        """The first message received that matches, waiting for it; each message is looked at once."""
+        checked = 0
+        found: list[paho.MQTTMessage] = []
+
+        def arrived() -> bool:
+            nonlocal checked
+            while not found and checked < len(self.got):
+                if match(self.got[checked]):
+                    found.append(self.got[checked])
+                checked += 1
+            return bool(found)
+
         with self.arrived:
-            assert self.arrived.wait_for(lambda: any(match(m) for m in self.got), timeout), [
-                (m.topic, m.payload[:80]) for m in self.got
-            ]
-            return next(m for m in self.got if match(m))
+            assert self.arrived.wait_for(arrived, timeout), [(m.topic, m.payload[:80]) for m in self.got]
+            return found[0]
 
     def close(self) -> None:
         """Disconnects cleanly (no will)."""
