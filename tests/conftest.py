@@ -4,6 +4,7 @@ the embedded broker in a thread, and the bridge running in-process."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import socket
@@ -26,6 +27,23 @@ os.environ["CHAT_BRIDGE_HTTP_LISTEN"] = "off"
 os.environ["CHAT_BRIDGE_WS_LISTEN"] = "off"  # likewise the WebSockets listener's 127.0.0.1:9001
 
 PG_ADMIN_URL = os.environ.get("CHAT_BRIDGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_docker_module_at_a_time(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under pytest-xdist (scripts/test), the modules with tests marked docker take turns: they build
+    and start the project's images, and two builds of one image at once would only slow both."""
+    docker = any(
+        item.get_closest_marker("docker") for item in request.session.items if item.module is request.module
+    )
+    if not docker or not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    with (tmp_path_factory.getbasetemp().parent / "docker.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, after the module's teardown
+        yield
 
 
 def free_port() -> int:
