@@ -34,6 +34,10 @@ export class ChatView {
   private offs: Array<() => void> = [];
   private opts: ChatViewOptions;
   private loadingOlder = false;
+  /** The browser said it went offline and nothing since has shown the connection alive. */
+  private networkDown = false;
+  /** The bridge announced itself offline (its `bridge-status`) and not back yet. */
+  private bridgeDown = false;
 
   private el = {
     chat: byId("chat"),
@@ -86,6 +90,23 @@ export class ChatView {
     this.el.chat.hidden = false;
     this.completeLists(session.conversations_next ?? null, session.active_users_next ?? null);
     this.schedule();
+    // The browser's offline/online events say nothing certain about the connection: a short drop
+    // can leave the WebSocket open, so the SDK stays online and never says so again. Offline shows
+    // the banner at once; online (or any traffic) shows what the SDK's state really is.
+    const offline = (): void => {
+      this.networkDown = true;
+      this.opts.banner("Offline — reconnecting…");
+    };
+    const online = (): void => {
+      this.networkDown = false;
+      this.showState(this.chat.state);
+    };
+    window.addEventListener("offline", offline);
+    window.addEventListener("online", online);
+    this.offs.push(() => {
+      window.removeEventListener("offline", offline);
+      window.removeEventListener("online", online);
+    });
   }
 
   destroy(): void {
@@ -103,9 +124,14 @@ export class ChatView {
       this.onState(e.data?.state);
       return;
     }
+    if (this.networkDown && this.chat.state === "online") {
+      // traffic arrived: the connection is alive whatever the browser said
+      this.networkDown = false;
+      this.showState("online");
+    }
     if (e.type === "bridge-status") {
-      if (e.data?.status === "offline") this.opts.banner("The bridge is offline — waiting for it to come back…");
-      else if (this.chat.state === "online") this.opts.banner(null);
+      this.bridgeDown = e.data?.status === "offline";
+      this.showState(this.chat.state);
       return;
     }
     const changed = this.store.apply(e);
@@ -124,9 +150,19 @@ export class ChatView {
     // while away, who is online (and the rest) may be stale: the sidebar says so by fading it
     this.el.chat.classList.toggle("offline", state === "reconnecting" || state === "connecting");
     if (state === "online") {
-      this.opts.banner(null);
+      this.networkDown = false;
       // the catch-up of messages is the SDK's; unread counts and the lists come fresh
       this.refreshLists();
+    }
+    this.showState(state);
+  }
+
+  /** The banner for the connection's state (and the bridge's, while online). */
+  private showState(state: string | undefined): void {
+    if (state === "online") {
+      if (this.networkDown) this.opts.banner("Offline — reconnecting…");
+      else if (this.bridgeDown) this.opts.banner("The bridge is offline — waiting for it to come back…");
+      else this.opts.banner(null);
     } else if (state === "reconnecting") {
       this.opts.banner("Offline — reconnecting…");
     } else if (state === "connecting") {

@@ -128,9 +128,6 @@ async function logOut(): Promise<void> {
 async function main(): Promise<void> {
   config = await loadConfig();
   el.form.addEventListener("submit", (ev) => void logIn(ev));
-  window.addEventListener("offline", () => {
-    if (chat) banner("Offline — reconnecting…");
-  });
   prepareForm();
 }
 

@@ -163,7 +163,7 @@ export class Store {
     const state = this.conversations.get(conversationId);
     if (!state) return conversationId;
     const c = state.conv;
-    if (c.kind === "global") return "Everyone";
+    if (c.kind === "global") return "global";
     if (c.title) return c.title;
     if (c.kind === "thread") {
       const parent = c.parent_conversation_id && this.conversations.get(c.parent_conversation_id);

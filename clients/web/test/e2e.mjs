@@ -197,7 +197,7 @@ try {
     }
     for (const p of [alice, bob]) {
       await p.page.getByRole("heading", { name: "Conversations" }).waitFor();
-      await conversation(p, /Everyone/).waitFor();
+      await conversation(p, /global/).waitFor();
     }
   });
 
@@ -208,11 +208,23 @@ try {
 
   await step("alice creates a DM with bob and sends; bob sees 1 unread", async () => {
     await alice.page.getByText("New conversation", { exact: true }).click();
-    await alice.page.getByLabel("Direct message to").fill("bob");
+    await alice.page.getByRole("group", { name: "New conversation" }).waitFor();
+    await alice.page.getByRole("textbox", { name: "Start a direct conversation with" }).fill("bob");
     await alice.page.getByRole("button", { name: "Start" }).click();
     await alice.page.getByRole("heading", { name: "bob", level: 2 }).waitFor();
     await send(alice, "Hello Bob!");
     await conversation(bob, /alice.*1 unread/).waitFor();
+  });
+
+  await step("accessible names: 'Message' (not exact) is the message box alone, 'Send', a log, the named group", async () => {
+    // the "New conversation" group is still open beside the conversation: its fields must not match
+    const boxes = await alice.page.getByRole("textbox", { name: "Message" }).count();
+    if (boxes !== 1) throw new Error(`getByRole('textbox', {name: 'Message'}) matches ${boxes} elements`);
+    await alice.page.getByRole("textbox", { name: "Message", exact: true }).waitFor();
+    await alice.page.getByRole("button", { name: "Send", exact: true }).waitFor();
+    await alice.page.getByRole("log", { name: "Messages" }).waitFor();
+    const sidebar = await alice.page.getByRole("complementary", { name: "Sidebar" }).ariaSnapshot();
+    if (!/group "New conversation"/.test(sidebar)) throw new Error(`the group has no name:\n${sidebar}`);
   });
 
   await step("bob opens it: the message is there, the unread count goes, alice sees 'Seen by bob'", async () => {
@@ -263,6 +275,17 @@ try {
     await mine.getByRole("button", { name: "Delete" }).click();
     await log(bob).getByText("This message was deleted").waitFor();
     if (await log(bob).getByText("oops, wrong chat").count()) throw new Error("the deleted text is still shown");
+  });
+
+  await step("a short network drop the connection survives: the banner comes, goes, messages keep coming", async () => {
+    // the WebSocket stays open (the proxy is not cut), so the SDK stays online and says nothing
+    await bob.context.setOffline(true);
+    await bob.page.getByRole("status").filter({ hasText: /offline — reconnecting/i }).waitFor();
+    await bob.context.setOffline(false);
+    await until(async () => !(await bob.page.locator("#banner").isVisible()), "the banner to go after the drop", 5_000);
+    await send(alice, "Still there, Bob?");
+    await log(bob).getByText("Still there, Bob?", { exact: true }).waitFor();
+    if (await bob.page.locator("#banner").isVisible()) throw new Error("the banner came back");
   });
 
   await step("bob goes offline ('offline — reconnecting' shown); alice's page sees him leave", async () => {
@@ -324,8 +347,8 @@ try {
   });
 
   if (seededGlobal > 0) {
-    await step(`history: 'Load older' pages the ${seededGlobal} messages of Everyone`, async () => {
-      await conversation(alice, /Everyone/).click();
+    await step(`history: 'Load older' pages the ${seededGlobal} messages of global`, async () => {
+      await conversation(alice, /global/).click();
       await until(async () => (await log(alice).getByRole("article").count()) === Math.min(50, seededGlobal), "the newest page");
       await alice.page.getByRole("button", { name: "Load older" }).click();
       await until(async () => (await log(alice).getByRole("article").count()) === seededGlobal, "the older page");
