@@ -103,7 +103,8 @@ OPTIONS = (
         "--cost-limit",
         "CHAT_BRIDGE_COST_LIMIT",
         "500",
-        "events per second a user's commands may cause on average (a message to 100 people is 100); "
+        "events per second a user's commands may cause on average (a message to 100 people is 100, "
+        "a page of 100 messages read is 100); "
         "0: no cost budget",
     ),
     ("--cost-burst", "CHAT_BRIDGE_COST_BURST", "500", "how many events a user's commands may cause at once"),

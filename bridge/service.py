@@ -38,6 +38,27 @@ class Inbound:
     queued: bool = False
 
 
+def cost_of(deliveries: Sequence[core.Delivery]) -> int:
+    """What a command cost (`CostBudget`): one per event, and one per message, conversation or user a
+    page of history or a listing carries, read from the database for it (a page of 500 messages costs
+    as much as a message to 500 people; charged as one, one user asking for such pages as fast as the
+    rate limit allowed kept the database busy and everybody else's commands waited half a minute). A
+    page of messages costs at least what was read for it (`limit`), though fewer fit the answer."""
+    total = 0
+    for delivery in deliveries:
+        total += 1
+        data = getattr(delivery.payload, "data", None)
+        if isinstance(data, p.MessagesData):
+            total += len(data.messages)
+        elif isinstance(data, p.ConversationsData):
+            total += len(data.conversations)
+        elif isinstance(data, p.ParticipantsData):
+            total += len(data.participants)
+        elif isinstance(data, p.ActiveUsersData):
+            total += len(data.users)
+    return total
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(12)}"
 
@@ -207,6 +228,7 @@ class Service:
         self._wire: Wire = {}  # events of the batch in progress, serialized while measuring them
         self._known: set[str] = set()  # senders whose user row is committed: no need to look them up again
         self._registered: set[str] = set()  # senders registered by the transaction in progress
+        self._rows_read = 0  # messages the command being handled read (a page asks for `limit`)
         self._flood_warning = OncePer(60_000)  # one warning per rate-limited user per minute
 
     def handle_batch(
@@ -241,8 +263,9 @@ class Service:
                     if refused is None:
                         delivered = self._handle(store, item)
                         if self.cost is not None and not item.queued:
-                            self.cost.charge(item.user_id, len(delivered), self.clock())
-                            charged.append((item.user_id, len(delivered)))
+                            cost = max(cost_of(delivered), 1 + self._rows_read)
+                            self.cost.charge(item.user_id, cost, self.clock())
+                            charged.append((item.user_id, cost))
                         refused = delivered
                     out.extend(refused)
                 if within is not None:
@@ -370,10 +393,13 @@ class Service:
         request_id = None
         started = time.perf_counter()
         outcome = "ok"
+        self._rows_read = 0
         try:
             cmd = parse(item, self.max_payload)
             request_id = cmd.request_id
             out = self._apply(store, item.user_id, cmd)
+            if isinstance(cmd, (p.GetMessages, p.GetPriorMessages)):
+                self._rows_read = cmd.limit  # read whole, however few of them fit the answer
             if isinstance(cmd, p.Connect):
                 log.info("%s connected (session %s)", item.user_id, cmd.session_id)
             elif isinstance(cmd, p.Disconnect):

@@ -140,3 +140,38 @@ def test_a_batch_that_does_not_commit_spends_nothing(monkeypatch: pytest.MonkeyP
     assert next(d.payload.type for d in retried.deliveries if d.key == "alice") == "message-added"  # type: ignore[attr-defined]
     again = w.service.handle_batch([item])  # now alice is in debt (201 > 100)
     assert [d.payload.type for d in again.deliveries] == ["error"]  # type: ignore[attr-defined]
+
+
+def test_a_page_of_history_costs_what_it_read() -> None:
+    """A page of 300 messages costs 301, as a message to 300 people would: a user asking for pages as
+    fast as the command rate allows cannot keep the database busy for everybody else."""
+    w = World()
+    w.now = 1_000_000
+    for i in range(300):
+        w.do("bob", "send-message", conversation_id="global", body=f"m{i}")
+    w.service.cost = CostBudget(rate=100, burst=400, total=1_000_000)
+    pages = [
+        w.do("alice", "get-messages", conversation_id="global", since_seq=0, limit=300) for _ in range(3)
+    ]
+    # the first leaves 99 of the 400, the second runs into debt, the third waits
+    assert [o.answer["type"] for o in pages] == ["messages", "messages", "error"]
+    assert len(pages[0].answer["data"]["messages"]) == 300
+    refused = pages[2].answer["data"]
+    assert refused["code"] == "rate-limited" and 1.0 < refused["retry_after"] <= 2.1  # a debt of 202 at 100/s
+    assert w.do("bob", "get-active-users").answer["type"] == "active-users"  # bob is not affected
+    w.now += 2_100
+    assert w.do("alice", "get-messages", conversation_id="global", since_seq=290).answer["type"] == "messages"
+
+
+def test_a_page_costs_the_messages_it_read_even_when_fewer_fit() -> None:
+    """Large messages: fewer than `limit` fit an answer, but all `limit` were read for it."""
+    w = World()
+    w.now = 1_000_000
+    for i in range(300):
+        w.do("bob", "send-message", conversation_id="global", body=f"{i:04d}" + "x" * 4000)
+    w.service.cost = CostBudget(rate=100, burst=400, total=1_000_000)
+    pages = [
+        w.do("alice", "get-messages", conversation_id="global", since_seq=0, limit=300) for _ in range(3)
+    ]
+    assert len(pages[0].answer["data"]["messages"]) < 100  # cut to fit the event size
+    assert [o.answer["type"] for o in pages] == ["messages", "messages", "error"]
