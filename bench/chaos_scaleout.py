@@ -451,11 +451,18 @@ def check(
     lost = 0
     order = 0
     applied = 0
+    examples: list[str] = []
     for s in senders:
         mine = [n for _, n in sorted(by_user.get(s.user, []))]
         applied += len(set(mine))
-        lost += sum(1 for n in range(acked[s.user]) if (s.user, f"{s.user} {n}") not in seen)
-        order += sum(1 for x, y in itertools.pairwise(mine) if y <= x)
+        missing = [n for n in range(acked[s.user]) if (s.user, f"{s.user} {n}") not in seen]
+        lost += len(missing)
+        swapped = [(x, y) for x, y in itertools.pairwise(mine) if y <= x]
+        order += len(swapped)
+        if missing or swapped:  # which ones, for whoever has to find out why
+            examples.append(f"{s.user}: not applied {missing[:5]}, out of order {swapped[:5]}")
+    if examples:
+        print("\n".join(examples[:20]), flush=True)
     wills_late = sum(1 for u in sessions if ended.get(u) is None)
     wills_early = sum(1 for u in sessions if ended.get(u) is not None and int(ended[u]) < created.get(u, 0))
     stamps = [int(r[4]) for r in rows]
