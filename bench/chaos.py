@@ -281,6 +281,9 @@ def run(clients: int, messages: int, kills: int, rate: float) -> dict[str, int]:
                     page = c.request(
                         "get-messages", {"conversation_id": cid, "since_seq": since, "limit": 500}
                     )
+                    if page.get("type") == "error" and page["data"].get("retry_after") is not None:
+                        time.sleep(page["data"]["retry_after"])  # pages cost what they read: paced
+                        continue
                     fetched |= {m["message_id"] for m in page["data"]["messages"]}
                     if not page["data"]["has_more"]:
                         break

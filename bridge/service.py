@@ -43,7 +43,8 @@ def cost_of(deliveries: Sequence[core.Delivery]) -> int:
     page of history or a listing carries, read from the database for it (a page of 500 messages costs
     as much as a message to 500 people; charged as one, one user asking for such pages as fast as the
     rate limit allowed kept the database busy and everybody else's commands waited half a minute). A
-    page of messages costs at least what was read for it (`limit`), though fewer fit the answer."""
+    page with more to come costs what was read for it (`limit`), though fewer fit the answer; a page that
+    reached the end costs what it carries (a catch-up of many quiet conversations stays cheap)."""
     total = 0
     for delivery in deliveries:
         total += 1
@@ -398,8 +399,13 @@ class Service:
             cmd = parse(item, self.max_payload)
             request_id = cmd.request_id
             out = self._apply(store, item.user_id, cmd)
-            if isinstance(cmd, (p.GetMessages, p.GetPriorMessages)):
-                self._rows_read = cmd.limit  # read whole, however few of them fit the answer
+            if isinstance(cmd, (p.GetMessages, p.GetPriorMessages)) and any(
+                isinstance(data := getattr(d.payload, "data", None), p.MessagesData) and data.has_more
+                for d in out
+            ):
+                # a page cut short (by the payload limit, or more to come) read `limit` rows, however
+                # few of them fit the answer; one that reached the end read what it carries
+                self._rows_read = cmd.limit
             if isinstance(cmd, p.Connect):
                 log.info("%s connected (session %s)", item.user_id, cmd.session_id)
             elif isinstance(cmd, p.Disconnect):

@@ -175,3 +175,19 @@ def test_a_page_costs_the_messages_it_read_even_when_fewer_fit() -> None:
     ]
     assert len(pages[0].answer["data"]["messages"]) < 100  # cut to fit the event size
     assert [o.answer["type"] for o in pages] == ["messages", "messages", "error"]
+
+
+def test_a_catch_up_of_many_quiet_conversations_is_cheap() -> None:
+    """A client back from a reconnect asks each of its conversations for what it missed, with a large
+    limit: pages that reach the end cost what they carry, not the limit (the SDKs' catch-up pages ask
+    for 500; charged 501 each, the second conversation's catch-up was refused)."""
+    w = World()
+    w.now = 1_000_000
+    for i in range(5):
+        w.do("bob", "send-message", conversation_id="global", body=f"m{i}")
+    w.service.cost = CostBudget(rate=100, burst=400, total=1_000_000)
+    pages = [
+        w.do("alice", "get-messages", conversation_id="global", since_seq=0, limit=500) for _ in range(20)
+    ]
+    assert [o.answer["type"] for o in pages] == ["messages"] * 20
+    assert all(len(o.answer["data"]["messages"]) == 5 for o in pages)
