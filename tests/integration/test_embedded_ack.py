@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -56,15 +57,33 @@ class Serve:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
-def test_a_command_acknowledged_by_the_embedded_broker_survives_a_crash(tmp_path: Path) -> None:
+
+@dataclass
+class Crash:
+    """What a client saw of a command published while the bridge held it before applying it, then
+    SIGKILLed: whether it was told the command was taken before the crash, whether it was told after
+    the restart, and the bodies stored after it."""
+
+    told_before: bool
+    told_after: bool
+    bodies: list[str]
+
+
+def crash_before_commit(tmp_path: Path, qos: int, client_msg_id: str) -> Crash:
     port, database = free_port(), tmp_path / "chat.sqlite3"
     env = {k: v for k, v in os.environ.items() if k != HOLD_BEFORE_APPLY}
     first = Serve(port, database, {**env, HOLD_BEFORE_APPLY: "60"})
     second: Serve | None = None
     answers: list[dict[str, object]] = []
     got_answer = threading.Condition()
-    acked = threading.Event()
+    told = threading.Event()
 
     def on_message(_c: object, _u: object, m: paho.MQTTMessage) -> None:
         with got_answer:
@@ -79,20 +98,24 @@ def test_a_command_acknowledged_by_the_embedded_broker_survives_a_crash(tmp_path
         assert first.online.wait(30), first.output()
         alice.connect("127.0.0.1", port, keepalive=5)
         alice.loop_start()
-        command = {"conversation_id": "global", "body": "kept?", "client_msg_id": "c-1", "request_id": "r-1"}
-        info = alice.publish("chat/v1/users/alice/commands/send-message", orjson.dumps(command), qos=1)
-        threading.Thread(target=lambda: (info.wait_for_publish(120), acked.set()), daemon=True).start()
+        command = {
+            "conversation_id": "global",
+            "body": "kept?",
+            "client_msg_id": client_msg_id,
+            "request_id": "r",
+        }
+        info = alice.publish("chat/v1/users/alice/commands/send-message", orjson.dumps(command), qos=qos)
+        threading.Thread(target=lambda: (info.wait_for_publish(120), told.set()), daemon=True).start()
         # the bridge has the command and holds it before applying it: no commit yet
         assert first.holding.wait(20), first.output()
-        acked_before_the_crash = acked.wait(2)
+        told_before = told.wait(2)
         first.kill()
 
         second = Serve(port, database, env)
         assert second.online.wait(30), second.output()
-
-        # Whatever the client was told, the command must not be lost: acknowledged before the crash it
-        # must be stored; unacknowledged, paho sends it again after reconnecting, and then it is.
-        assert acked.wait(30), "the command was never acknowledged after the restart"
+        # Whatever the client was told, the command must not be lost: told before the crash it must be
+        # stored; not told, paho sends it again after reconnecting, and then it is.
+        told_after = told.wait(30)
         alice.publish(
             "chat/v1/users/alice/commands/get-messages",
             orjson.dumps({"conversation_id": "global", "since_seq": 0, "request_id": "history"}),
@@ -102,19 +125,21 @@ def test_a_command_acknowledged_by_the_embedded_broker_survives_a_crash(tmp_path
             assert got_answer.wait_for(lambda: any(a.get("request_id") == "history" for a in answers), 20)
         history = next(a for a in answers if a.get("request_id") == "history")
         bodies = [m["body"] for m in history["data"]["messages"]]  # type: ignore[index]
-        assert bodies.count("kept?") == 1, (
-            f"acknowledged before the crash: {acked_before_the_crash}; stored after it: {bodies}"
-        )
-        assert not acked_before_the_crash, "the broker acknowledged a command the bridge had not committed"
+        return Crash(told_before, told_after, bodies)
     finally:
         alice.loop_stop()
         first.kill()
         if second is not None:
-            second.proc.send_signal(signal.SIGTERM)
-            try:
-                second.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                second.kill()
+            second.stop()
+
+
+def test_a_command_acknowledged_by_the_embedded_broker_survives_a_crash(tmp_path: Path) -> None:
+    crash = crash_before_commit(tmp_path, qos=1, client_msg_id="c-1")
+    assert crash.told_after, "the command was never acknowledged after the restart"
+    assert crash.bodies.count("kept?") == 1, (
+        f"acknowledged before the crash: {crash.told_before}; stored after it: {crash.bodies}"
+    )
+    assert not crash.told_before, "the broker acknowledged a command the bridge had not committed"
 
 
 def test_commands_the_broker_drops_are_still_acknowledged(tmp_path: Path) -> None:
@@ -157,8 +182,4 @@ def test_commands_the_broker_drops_are_still_acknowledged(tmp_path: Path) -> Non
         assert bodies == ["y"], answers  # the retained one was not applied
     finally:
         alice.loop_stop()
-        serve.proc.send_signal(signal.SIGTERM)
-        try:
-            serve.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        serve.stop()
