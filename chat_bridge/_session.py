@@ -25,7 +25,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from . import _commands as commands
-from .errors import ChatBridgeError, ConnectionFailed, RequestTimeout, error_from
+from .errors import ChatBridgeError, ConnectionFailed, InternalError, RateLimited, RequestTimeout, error_from
 from .types import Conversation, Event, Message, Session
 
 log = logging.getLogger("chat_bridge.client")
@@ -36,6 +36,8 @@ USER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEVICE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DEDUP_WINDOW = 4096
 CATCH_UP_PAGE = 500
+CATCH_UP_LONGEST_WAIT = 30.0  # seconds; a `rate-limited` page is asked again after its retry_after
+CATCH_UP_INTERNAL_RETRIES = 5
 # CONNACK codes after which retrying cannot help (MQTT 3.1.1: bad credentials, not authorised)
 REFUSALS = ("Bad user name or password", "Not authorized", "Client identifier not valid")
 
@@ -153,6 +155,7 @@ class ChatSession:
         self._failure: str | None = None
         self._connect_error: str | None = None
         self._closed = False
+        self._closing = threading.Event()  # wakes a catch-up waiting out a `rate-limited` answer
         self.session: Session | None = None
 
         if options.transport == "websockets":
@@ -195,6 +198,7 @@ class ChatSession:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         if announce and self._ready.is_set():
             info = self._publish("disconnect", {"session_id": self.session_id, "reason": "client"})
             with contextlib.suppress(RuntimeError, ValueError):
@@ -314,7 +318,10 @@ class ChatSession:
             snapshot, self._snapshot = self._snapshot, None
         # the rest needs answers, which arrive on this (the network) thread: not here
         threading.Thread(
-            target=self._after_connected, args=(session, session_id, snapshot), daemon=True
+            target=self._after_connected,
+            args=(session, session_id, snapshot),
+            name=f"chat-bridge-catch-up-{self.client_id}",
+            daemon=True,
         ).start()
 
     def _after_connected(self, session: Session, session_id: str, snapshot: dict[str, Cursor] | None) -> None:
@@ -464,7 +471,9 @@ class ChatSession:
                 since_rev=cursor.rev if by_rev else None,
                 limit=CATCH_UP_PAGE,
             )
-            page = self._wait(call)
+            page = self._wait_out_refusals(call)
+            if page is None:
+                return
             messages: list[Message] = page.get("messages", [])
             for m in messages:
                 live = self.cursors.setdefault(cid, Cursor())
@@ -476,6 +485,26 @@ class ChatSession:
                     self.deliver(Event(kind, {"message": m}, catch_up=True))
             if not page.get("has_more") or not messages:
                 return
+
+    def _wait_out_refusals(self, call: commands.Call[T]) -> T | None:
+        """Asks until answered: a `rate-limited` page (a user who missed much in several conversations
+        runs into the cost budget) is asked again after its `retry_after`, an `internal` one after a
+        growing pause (a few times). None when the client closed meanwhile."""
+        failures = 0
+        while not self._closed:
+            try:
+                return self._wait(call)
+            except RateLimited as exc:
+                pause = min(max(exc.retry_after, 0.05), CATCH_UP_LONGEST_WAIT)
+                log.info("%s: catch-up page refused (rate-limited); asking again in %.1f s", self.client_id, pause)
+            except InternalError:
+                failures += 1
+                if failures > CATCH_UP_INTERNAL_RETRIES:
+                    raise
+                pause = min(0.5 * 2**failures, CATCH_UP_LONGEST_WAIT)
+            if self._closing.wait(pause):
+                return None
+        return None
 
     def deliver(self, event: Event) -> None:
         try:

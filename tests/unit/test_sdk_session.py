@@ -386,3 +386,63 @@ def test_a_refused_subscription_is_asked_for_again_before_connect() -> None:
     assert len(mqtt.subscriptions) == 3 and mqtt.subscribed
     assert len(mqtt.commands("connect")) == 1  # only once the inbox was granted
     client.close()
+
+
+def test_catch_up_waits_out_a_rate_limited_page_and_goes_on() -> None:
+    store = {"c1": [message("c1", 1, rev=1)], "c2": [message("c2", 1, rev=1)]}
+    asked: list[dict[str, Any]] = []
+    paged = pages(store, asked)
+    refused: list[float] = []
+
+    def answer(command: str, fields: dict[str, Any]) -> list[dict[str, Any]] | None:
+        if command == "get-messages" and fields["conversation_id"] == "c1" and len(refused) < 2:
+            refused.append(time.monotonic())  # the cost budget refuses the first two pages of c1
+            data = {"code": "rate-limited", "message": "too much", "command": command, "retry_after": 0.2}
+            return [event("error", data)]
+        return paged(command, fields)
+
+    bridge = FakeBridge(answer)
+    bridge.conversations = [conversation("c1", 1, 1), conversation("c2", 1, 1)]
+    client, mqtt = started(bridge)
+    mqtt.drop()
+    store["c1"] += [message("c1", 2, rev=2), message("c1", 3, rev=3)]
+    store["c2"] += [message("c2", 2, rev=2)]
+    bridge.conversations = [conversation("c1", 3, 3), conversation("c2", 2, 2)]
+    mqtt.reconnect()
+    got = [client.wait_for(match=lambda e: e.catch_up, timeout=3) for _ in range(3)]
+    assert sorted((e.conversation_id, e.message["seq"]) for e in got if e.message) == [
+        ("c1", 2),
+        ("c1", 3),
+        ("c2", 2),
+    ]
+    assert len(refused) == 2 and refused[1] - refused[0] >= 0.2  # asked again after retry_after
+    assert client.cursors["c1"].rev == 3 and client.cursors["c2"].rev == 2
+
+
+def test_a_closed_client_stops_waiting_out_a_refused_catch_up_page() -> None:
+    asked: list[float] = []
+
+    def answer(command: str, fields: dict[str, Any]) -> list[dict[str, Any]] | None:
+        if command != "get-messages":
+            return None
+        asked.append(time.monotonic())
+        data = {"code": "rate-limited", "message": "too much", "command": command, "retry_after": 30}
+        return [event("error", data)]
+
+    bridge = FakeBridge(answer)
+    bridge.conversations = [conversation("c1", 1, 1)]
+    client, mqtt = started(bridge)
+    mqtt.drop()
+    bridge.conversations = [conversation("c1", 5, 5)]
+    mqtt.reconnect()
+    deadline = time.monotonic() + 2
+    while not asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(asked) == 1
+    started_at = time.monotonic()
+    client.close()
+    threads = [t for t in threading.enumerate() if t.name.startswith("chat-bridge-catch-up")]
+    for t in threads:
+        t.join(2)
+    assert time.monotonic() - started_at < 2 and not any(t.is_alive() for t in threads)
+    assert len(asked) == 1

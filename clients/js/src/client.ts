@@ -11,7 +11,7 @@
 import mqtt from "mqtt";
 import type { IClientOptions, IClientPublishOptions, MqttClient } from "mqtt";
 
-import { ConnectionFailed, RequestTimeout, errorFrom } from "./errors.js";
+import { ConnectionFailed, InternalError, RateLimited, RequestTimeout, errorFrom } from "./errors.js";
 import type { CommandFields } from "./generated/protocol.js";
 import {
   type ChatEvent,
@@ -34,6 +34,9 @@ export const USER_ID = /^[A-Za-z0-9_-]{1,64}$/;
 export const DEVICE = /^[A-Za-z0-9_.-]{1,64}$/;
 const DEDUP_WINDOW = 4096;
 const CATCH_UP_PAGE = 500;
+/** Seconds; a `rate-limited` catch-up page is asked again after its retryAfter, at most this long. */
+const CATCH_UP_LONGEST_WAIT = 30;
+const CATCH_UP_INTERNAL_RETRIES = 5;
 const BACKLOG = 1000; // events kept for waitFor()
 // CONNACK return codes after which retrying cannot help: bad protocol, client id, credentials, not authorised
 const REFUSED: Record<number, string> = {
@@ -130,6 +133,7 @@ export class ChatClient {
   private readonly pending = new Map<string, Pending>();
   private readonly seen = new Set<string>();
   private readonly revs = new Map<string, number>(); // message_id -> newest rev delivered
+  private readonly onClosed = new Set<() => void>(); // wakes a catch-up waiting out a refusal
   private snapshot: Map<string, Cursor> | null = null;
   private readonly ridPrefix = randomHex(3);
   private counter = 0;
@@ -227,6 +231,8 @@ export class ChatClient {
     if (this._state === "closed") return;
     const online = this._state === "online";
     this.setState("closed");
+    for (const wake of this.onClosed) wake();
+    this.onClosed.clear();
     const client = this.mqtt;
     if (client !== null) {
       if (online && client.connected) {
@@ -496,7 +502,8 @@ export class ChatClient {
       const fields: CommandFields["get-messages"] = { conversation_id: cid, limit: CATCH_UP_PAGE };
       if (byRev) fields.since_rev = cursor.rev;
       else fields.since_seq = cursor.seq;
-      const page = (await this.call("get-messages", fields, true)) as unknown as Page;
+      const page = await this.askUntilAnswered(fields);
+      if (page === null) return;
       const messages = page.messages ?? [];
       for (const m of messages) {
         const live = this.cursor(cid);
@@ -511,6 +518,37 @@ export class ChatClient {
       }
       if (!page.has_more || messages.length === 0) return;
     }
+  }
+
+  /** A catch-up page, asked until answered: a `rate-limited` one (a user who missed much in several
+   * conversations runs into the cost budget) again after its retryAfter, an `internal` one after a
+   * growing pause (a few times). null when the client was closed meanwhile. */
+  private async askUntilAnswered(fields: CommandFields["get-messages"]): Promise<Page | null> {
+    let failures = 0;
+    while (this._state !== "closed") {
+      let pause: number;
+      try {
+        return (await this.call("get-messages", fields, true)) as unknown as Page;
+      } catch (err) {
+        if (err instanceof RateLimited) {
+          pause = Math.min(Math.max(err.retryAfter, 0.05), CATCH_UP_LONGEST_WAIT);
+        } else if (err instanceof InternalError && ++failures <= CATCH_UP_INTERNAL_RETRIES) {
+          pause = Math.min(0.5 * 2 ** failures, CATCH_UP_LONGEST_WAIT);
+        } else {
+          throw err;
+        }
+      }
+      await new Promise<void>((resolve) => {
+        const wake = () => {
+          clearTimeout(timer);
+          this.onClosed.delete(wake);
+          resolve();
+        };
+        const timer = setTimeout(wake, pause * 1000);
+        this.onClosed.add(wake);
+      });
+    }
+    return null;
   }
 
   // -- events -----------------------------------------------------------------------------------------
