@@ -94,6 +94,24 @@ class Metrics:
         self.database_up = Gauge(
             f"{PREFIX}_database_up", "1 when the last database probe succeeded.", registry=r
         )
+        # The children of the hot path's label sets, looked up once: `labels()` takes a lock and
+        # checks its arguments on every call (two calls per command).
+        self._command_counts: dict[tuple[str, str], Any] = {}
+        self._command_timers: dict[str, Any] = {}
+
+    def count_command(self, command: str, outcome: str) -> None:
+        """One more command of that name (`unknown` for none of the protocol's) and outcome."""
+        child = self._command_counts.get((command, outcome))
+        if child is None:
+            child = self._command_counts[(command, outcome)] = self.commands.labels(command, outcome)
+        child.inc()
+
+    def time_command(self, command: str, seconds: float) -> None:
+        """How long one command of that name took to validate and apply."""
+        child = self._command_timers.get(command)
+        if child is None:
+            child = self._command_timers[command] = self.command_seconds.labels(command)
+        child.observe(seconds)
 
     def totals(self) -> dict[str, float]:
         """Running totals over all labels, for the log's throughput summary."""

@@ -56,6 +56,23 @@ def test_each_metrics_object_has_its_own_registry() -> None:
     assert b"chat_bridge_commands_total{" not in b.exposition()
 
 
+def test_counting_and_timing_commands_reach_the_exposition_of_their_own_registry() -> None:
+    a, b = Metrics(), Metrics()
+    for _ in range(3):
+        a.count_command("send-message", "ok")
+    a.count_command("send-message", "not-found")
+    b.count_command("send-message", "ok")
+    a.time_command("send-message", 0.0002)
+    a.time_command("send-message", 0.002)
+    text = a.exposition()
+    assert b'chat_bridge_commands_total{command="send-message",outcome="ok"} 3.0' in text
+    assert b'chat_bridge_commands_total{command="send-message",outcome="not-found"} 1.0' in text
+    assert b'chat_bridge_command_duration_seconds_count{command="send-message"} 2.0' in text
+    assert b'chat_bridge_command_duration_seconds_bucket{command="send-message",le="0.00025"} 1.0' in text
+    assert b'chat_bridge_commands_total{command="send-message",outcome="ok"} 1.0' in b.exposition()
+    assert a.totals()["commands"] == 4 and a.totals()["errors"] == 1
+
+
 def test_the_sqlite_probe_reports_a_missing_file_and_never_creates_it(tmp_path: Path) -> None:
     path = tmp_path / "gone.sqlite3"
     probe = database_probe(f"sqlite:///{path}")
