@@ -53,6 +53,10 @@ class StoreBase:
         )
         return storage_error(wrapped)
 
+    def flush_search(self) -> None:
+        """Writes the rows the search index still waits for (`Search`); before the commit, and before
+        any statement on the index."""
+
     def _exec(self, sql: Sql, /, **params: Any) -> Any:
         q = self.q.compiled.get(sql) or self.q.compile(sql)
         return self._run(q.sql, q.args(params))

@@ -127,6 +127,7 @@ class Conversations(StoreBase):
             self.DELETE_CONVERSATION,
         ]
         if not self._pg:
+            self.flush_search()  # the rows of this transaction's messages, too
             steps.insert(0, self.DELETE_SEARCH_ROWS)
         for sql in steps:
             self._exec(sql, cid=conversation_id)

@@ -7,7 +7,8 @@ under a GIN index. Both index `model.words(body)`, so they agree on what a word 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, text, tuple_, update
@@ -20,22 +21,60 @@ from .tables import MSG_COLS, MSG_FIELDS, SIMPLE, message_of, messages, search_t
 
 
 class Search(StoreBase):
-    # SQLite's FTS5 rows (PostgreSQL's index follows the column). The FTS5 rowid orders search results:
-    # created_ms * 4096 + the order of insertion within that millisecond, so that the newest first is a
-    # backwards walk of the index that stops at the limit.
-    INSERT_SEARCH_ROW = Sql(
+    """SQLite: a message's FTS5 row is written at the end of the transaction, not by the command that
+    stores the message. FTS5 writes what it holds in memory to disk at every savepoint once it has been
+    written to in the transaction, and each command runs in a savepoint of its own: one FTS5 row per
+    command was a segment written per message, a third of a chat message's SQL time. The rows wait in
+    `_search_rows` until `flush_search` (before any statement on `message_search`, and before the
+    commit); a savepoint rolled back drops the rows of its commands (`atomic`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._search_rows: list[tuple[int, str]] = []  # (rowid, words) of this transaction, in order
+        self._search_flushed = 0  # how many of them are in message_search
+        self._search_next: dict[int, int] = {}  # per millisecond (rowid >> 12): the next free rowid
+
+    # The FTS5 rowid orders search results: created_ms * 4096 + the order of insertion within that
+    # millisecond, so that the newest first is a backwards walk of the index that stops at the limit.
+    NEXT_SEARCH_ROWID = Sql(
         text(
-            "INSERT INTO message_search(rowid, words) VALUES (coalesce((SELECT max(rowid) + 1 FROM "
-            "message_search WHERE rowid BETWEEN :lo AND :lo + 4095), :lo), :words)"
+            "SELECT coalesce(max(rowid) + 1, :lo) FROM message_search WHERE rowid BETWEEN :lo AND :lo + 4095"
         )
     )
+    INSERT_SEARCH_ROW = Sql(text("INSERT INTO message_search(rowid, words) VALUES (:rowid, :words)"))
 
     def _search_row(self, message: Message) -> int | None:
-        """SQLite: the new FTS5 row of the message's words (None when it has none)."""
+        """SQLite: the rowid of the message's FTS5 row, written by `flush_search` (None when it has no
+        words)."""
         found = search_text(message)
         if found is None:
             return None
-        return int(self._exec(self.INSERT_SEARCH_ROW, words=found, lo=message.created_ms << 12).lastrowid)
+        lo = message.created_ms << 12
+        rowid = self._search_next.get(lo)
+        if rowid is None:  # the first of this millisecond in the transaction: after those stored
+            rowid = int(self._exec(self.NEXT_SEARCH_ROWID, lo=lo).fetchone()[0])
+        self._search_next[lo] = rowid + 1  # a rowid a rolled-back command took stays unused
+        self._search_rows.append((rowid, found))
+        return rowid
+
+    def flush_search(self) -> None:
+        """Writes the FTS5 rows still waiting, in one statement."""
+        if self._search_flushed < len(self._search_rows):
+            waiting = self._search_rows[self._search_flushed :]
+            self._many(self.INSERT_SEARCH_ROW, [{"rowid": r, "words": w} for r, w in waiting])
+            self._search_flushed = len(self._search_rows)
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        rows, flushed = len(self._search_rows), self._search_flushed
+        try:
+            with super().atomic():
+                yield
+        except BaseException:
+            # rolled back: the commands' own rows are gone, and so are those written since it began
+            self._search_flushed = min(self._search_flushed, flushed)
+            del self._search_rows[rows:]
+            raise
 
     UPDATE_MESSAGE_SEARCH = Sql(
         lambda dialect: (
@@ -55,6 +94,7 @@ class Search(StoreBase):
     def _reindex(self, message: Message) -> None:
         """The message's words indexed anew. SQLite: its FTS5 row follows its words, keeping its place
         (rowid) in the order."""
+        self.flush_search()
         if self._pg:
             self._exec(self.UPDATE_MESSAGE_SEARCH, mid=message.message_id, words=search_text(message))
             return
@@ -78,6 +118,7 @@ class Search(StoreBase):
     ) -> list[Message]:
         if not conversation_ids or not query_words:
             return []
+        self.flush_search()
         if not self._pg:
             return self._search_fts5(conversation_ids, query_words, before, limit)
         matches = messages.c.search_vector.op("@@")(

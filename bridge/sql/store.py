@@ -59,6 +59,7 @@ class SqlUnitOfWork:
             if self.engine.dialect.name == "sqlite":
                 store._run("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
             yield store
+            store.flush_search()  # the FTS5 rows of the transaction's messages (SQLite)
             try:
                 conn.commit()
             except dbapi_error as exc:
