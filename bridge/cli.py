@@ -163,6 +163,13 @@ OPTIONS = (
         "host:port of the HTTP server (/healthz, /metrics, a placeholder page at /); off: none",
     ),
     (
+        "--http-hosts",
+        "CHAT_BRIDGE_HTTP_HOSTS",
+        "",
+        "comma-separated host names the HTTP server answers for (e.g. chat.example.com, as a reverse "
+        "proxy's Host header says; *: any); IP addresses and localhost always, others get 421",
+    ),
+    (
         "--nats-url",
         "CHAT_BRIDGE_NATS_URL",
         None,
@@ -455,6 +462,21 @@ def ws_origins_from(value: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+_HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?\.?")
+
+
+def http_hosts_from(value: str) -> tuple[str, ...]:
+    """`--http-hosts` checked: `*`, or host names such as `chat.example.com` (no port, no scheme)."""
+    names = []
+    for item in (part.strip().lower() for part in str(value).split(",")):
+        if not item:
+            continue
+        if item != "*" and not _HOST_NAME.fullmatch(item):
+            raise ConfigError(f"--http-hosts takes host names such as chat.example.com or *, not {item!r}")
+        names.append(item.rstrip("."))
+    return tuple(names)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     parse_listen(args.listen)
     try:
@@ -502,6 +524,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         http_listen=http_listen,
         ws_listen=ws_listen,
         ws_origins=ws_origins_from(args.ws_origins),
+        http_hosts=http_hosts_from(args.http_hosts),
         log_summary=summary,
         nats_url=args.nats_url or None,
         partitions=_partitions(args.partitions),
@@ -672,7 +695,13 @@ class Monitoring:
                     accounts=bool(settings.password_file) if embedded else None,
                 )
                 self.http = HttpServer(
-                    host, port, self.health, self.metrics, web=web, ws_address=settings.ws_address()
+                    host,
+                    port,
+                    self.health,
+                    self.metrics,
+                    web=web,
+                    ws_address=settings.ws_address(),
+                    hosts=settings.http_hosts,
                 )
             except HttpServerError as exc:
                 raise ConfigError(

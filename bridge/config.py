@@ -83,6 +83,7 @@ class Settings:
     mqtt_client: str = "mqttc"  # the bridge's MQTT client: "mqttc" (bridge/mqtt_client.py) or "paho"
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most
     http_listen: str | None = DEFAULT_HTTP_LISTEN  # host:port of /healthz, /metrics and /; None: off
+    http_hosts: tuple[str, ...] = ()  # names the HTTP server answers besides IPs, localhost ("*": any)
     ws_listen: str | None = DEFAULT_WS_LISTEN  # embedded broker: host:port of MQTT over WebSockets; None: off
     ws_origins: tuple[str, ...] = ()  # web page origins also allowed to use it ("*": any)
     max_pending: int = 512  # embedded broker: connections not logged in yet, in all

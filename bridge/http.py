@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import email.utils
 import hashlib
+import ipaddress
 import json
 import logging
 import re
@@ -33,6 +34,7 @@ from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from .limits import OncePer
 from .metrics import Health, Metrics
 from .netaddr import address_key
 
@@ -100,6 +102,46 @@ def _hostname(host_header: str | None, fallback: str) -> str:
     else:
         name = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
     return name if name and _HOSTNAME.fullmatch(name) else fallback
+
+
+def _host_name(host_header: str) -> str:
+    """The name part of a Host header, lower case, without its port and trailing dot
+    (`Example.org.:8080` -> `example.org`, `[::1]:80` -> `[::1]`)."""
+    value = host_header.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    name = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    return name.rstrip(".") if name != "." else name
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """Which Host headers the server answers (against DNS rebinding: a page of another site whose
+    name the attacker points at this machine makes the browser send that name as Host).
+
+    Answered: an IP address (a browser sends one only when its user typed it; a rebound name is
+    never an IP), `localhost` and its subdomains (browsers resolve them to loopback themselves),
+    the names given (`--http-hosts`, `*` for any), and a request without Host (not a browser's).
+    """
+
+    def __init__(self, names: tuple[str, ...] = ()) -> None:
+        self.any = "*" in names
+        self.names = frozenset(_host_name(n) for n in names if n.strip() and n.strip() != "*")
+
+    def allows(self, host_header: str | None) -> bool:
+        if self.any or host_header is None or not host_header.strip():
+            return True
+        name = _host_name(host_header)
+        if name in self.names or name == "localhost" or name.endswith(".localhost"):
+            return True
+        return _is_ip_literal(name)
 
 
 def _url_host(host: str) -> str:
@@ -236,8 +278,11 @@ class HttpServer:
         web_root: Path = WEB_ROOT,
         web: WebConfig | None = None,
         ws_address: tuple[str, int] | None = None,
+        hosts: tuple[str, ...] = (),
     ) -> None:
         self.health = health
+        self.hosts = HostCheck(hosts)
+        self._misdirected = OncePer(60_000)
         self.metrics = metrics
         self.web_root = web_root.resolve()
         self.web = web or WebConfig()
@@ -361,6 +406,9 @@ class HttpServer:
     # -- what is served ----------------------------------------------------------------------
 
     async def _answer(self, request: _Request) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
+        host = request.headers.get("host")
+        if not self.hosts.allows(host):
+            return self._misdirected_reply(str(host))
         path = urlsplit(request.path).path
         loop = asyncio.get_running_loop()
         if path == "/healthz":
@@ -373,6 +421,21 @@ class HttpServer:
         if path == "/config.json":
             return _reply(HTTPStatus.OK, "application/json", self._config(request.headers.get("host")))
         return self._static(path, request.headers.get("if-none-match") or "")
+
+    def _misdirected_reply(self, host: str) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
+        name = _host_name(host)[:100]
+        if self._misdirected.due(name, int(self._loop.time() * 1000) if self._loop else 0):
+            log.warning(
+                "HTTP: refused a request for host %r (421; at most one such warning a minute per host): "
+                "name it in --http-hosts if this server is reached by that name",
+                name,
+            )
+        body = (
+            f"421 Misdirected Request: this server does not answer for the host {name!r}. "
+            "It answers for IP addresses, localhost and the names its operator gave with --http-hosts "
+            "(CHAT_BRIDGE_HTTP_HOSTS).\n"
+        )
+        return _reply(HTTPStatus.MISDIRECTED_REQUEST, "text/plain; charset=utf-8", body.encode())
 
     def _metrics(self) -> bytes:
         self.health.report()  # refreshes the gauges read from the database

@@ -975,7 +975,7 @@ async def serve_worker(settings: Settings, is_transient: Callable[[BaseException
     if settings.http_listen:  # before anything else: a taken port fails fast
         host, port = parse_listen(settings.http_listen, "--http-listen")
         try:
-            http = HttpServer(host, port, health, metrics)
+            http = HttpServer(host, port, health, metrics, hosts=settings.http_hosts)
         except HttpServerError as exc:
             raise ConfigError(
                 f"--http-listen {settings.http_listen}: {exc}; choose another host:port or `off`"

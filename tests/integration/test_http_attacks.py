@@ -32,7 +32,7 @@ def request(
 ) -> tuple[int, bytes]:
     """A GET as a monitor sends it (from `source`, a loopback address): (status, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as conn:
-        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: monitor\r\nConnection: close\r\n\r\n".encode())
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := conn.recv(65536):
             data += chunk
@@ -54,7 +54,7 @@ def closed_by_server(conn: socket.socket, within: float) -> bool:
 
 
 def open_crowd(
-    port: int, count: int, start: bytes = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    port: int, count: int, start: bytes = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
 ) -> list[socket.socket]:
     crowd = []
     for _ in range(count):
@@ -110,7 +110,7 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_off(server: HttpServer) -> N
     conn = socket.create_connection(server.address, timeout=10)
     start = time.monotonic()
     cut = False
-    for byte in b"GET /healthz HTTP/1.1\r\nHost: slow\r\nX-Padding: " + b"a" * 200:
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"a" * 200:
         try:
             conn.sendall(bytes([byte]))
         except OSError:
@@ -135,7 +135,7 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_off(server: HttpServer) -> N
 
 def test_an_idle_keep_alive_connection_is_closed(server: HttpServer) -> None:
     conn = socket.create_connection(server.address, timeout=10)
-    conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert conn.recv(65536).startswith(b"HTTP/1.1 200")
     assert closed_by_server(conn, within=5)
     conn.close()
@@ -150,7 +150,7 @@ def test_a_response_nobody_reads_does_not_hold_the_connection(server: HttpServer
     try:
         while time.monotonic() - start < 8:
             try:
-                sent += conn.send(b"GET /app.js HTTP/1.1\r\nHost: x\r\n\r\n")
+                sent += conn.send(b"GET /app.js HTTP/1.1\r\nHost: localhost\r\n\r\n")
             except BlockingIOError:
                 time.sleep(0.05)
             except OSError:
@@ -165,7 +165,7 @@ def test_a_response_nobody_reads_does_not_hold_the_connection(server: HttpServer
 def test_huge_or_endless_headers_are_refused(server: HttpServer) -> None:
     conn = socket.create_connection(server.address, timeout=10)
     with contextlib.suppress(OSError):
-        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: " + b"a" * 70_000 + b"\r\n\r\n")
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + b"X-A: " + b"a" * 70_000 + b"\r\n\r\n")
     data = b""
     try:
         while chunk := conn.recv(65536):
@@ -177,7 +177,7 @@ def test_huge_or_endless_headers_are_refused(server: HttpServer) -> None:
     for many in (b"X-B: b\r\n" * 5000,):
         conn = socket.create_connection(server.address, timeout=10)
         try:
-            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + many + b"\r\n")
             got = conn.recv(65536)
         except (ConnectionResetError, BrokenPipeError):
             got = b""

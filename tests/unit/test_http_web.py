@@ -116,7 +116,12 @@ def test_nothing_outside_the_folder_nor_hidden_nor_a_directory(server: HttpServe
 
 
 def test_config_json_points_the_page_at_the_websocket_listener(web_root: Path) -> None:
-    s = serve(web_root, web=WebConfig(prefix="acme/chat", accounts=True), ws_address=("0.0.0.0", 9001))
+    s = serve(
+        web_root,
+        web=WebConfig(prefix="acme/chat", accounts=True),
+        ws_address=("0.0.0.0", 9001),
+        hosts=("chat.example.test",),
+    )
     try:
 
         def config(*headers: str) -> dict[str, object]:
@@ -136,10 +141,10 @@ def test_config_json_points_the_page_at_the_websocket_listener(web_root: Path) -
         assert config("Host: 192.0.2.7:8080")["ws_url"] == "ws://192.0.2.7:9001/mqtt"
         assert config("Host: [2001:db8::1]:8080")["ws_url"] == "ws://[2001:db8::1]:9001/mqtt"
         assert config("Host: localhost")["ws_url"] == "ws://localhost:9001/mqtt"
-        # no Host, or one that is not a plain hostname: the server's own address, never the header
-        for bad in ("", 'Host: evil"><script>', "Host: a b", "Host: x/y:1", "Host: [::1"):
-            url = str(config(*([bad] if bad else []))["ws_url"])
-            assert url == "ws://127.0.0.1:9001/mqtt", bad
+        # no Host: the server's own address; one that is not a plain hostname is not answered
+        assert config()["ws_url"] == "ws://127.0.0.1:9001/mqtt"
+        for bad in ('Host: evil"><script>', "Host: a b", "Host: x/y:1", "Host: [::1"):
+            assert raw(s, "/config.json", bad)[0] == 421, bad
 
         # a listener on one address: that address when the Host header is unusable
         s.ws_address = ("127.0.0.5", 9101)
@@ -151,6 +156,50 @@ def test_config_json_points_the_page_at_the_websocket_listener(web_root: Path) -
         assert config("Host: localhost:8080")["ws_url"] is None
     finally:
         s.stop()
+
+
+def test_only_hosts_that_name_the_server_are_answered(web_root: Path) -> None:
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 makes the browser
+    send `Host: evil.example`; the server must not answer it (else that page reads /metrics,
+    /healthz and /config.json of the operator's machine)."""
+    default = serve(web_root)  # no names given: IP addresses and localhost only
+    try:
+        assert raw(default, "/config.json", "Host: evil.example")[0] == 421
+        assert raw(default, "/metrics", "Host: evil.example:8080")[0] == 421
+        for ok in ("Host: 127.0.0.1:8080", "Host: localhost", "Host: [::1]:8080"):
+            assert raw(default, "/config.json", ok)[0] == 200, ok
+    finally:
+        default.stop()
+    s = serve(web_root, hosts=("chat.example.test", "Proxy.Example.Test."))
+    try:
+        for path in ("/metrics", "/healthz", "/config.json", "/", "/app.js"):
+            status, fields, body = raw(s, path, "Host: evil.example:8080")
+            assert status == 421, path
+            assert b"evil.example" in body and b"--http-hosts" in body
+            assert b"chat_bridge" not in body and fields["cache-control"] == "no-store"
+        for refused in ("Host: evil.example", "Host: 127.0.0.1.evil.example", "Host: localhost.evil.example"):
+            assert raw(s, "/config.json", refused)[0] == 421, refused
+        answered = (
+            "Host: 127.0.0.1:8080",
+            "Host: localhost:8080",
+            "Host: LOCALHOST",
+            "Host: app.localhost",
+            "Host: [::1]:8080",
+            "Host: 192.0.2.7",
+            "Host: chat.example.test",  # a name the operator gave (behind a proxy that sets Host)
+            "Host: CHAT.example.test.:443",
+            "Host: proxy.example.test",
+        )
+        for ok in answered:
+            assert raw(s, "/config.json", ok)[0] == 200, ok
+        assert raw(s, "/config.json")[0] == 200  # no Host: not a browser
+    finally:
+        s.stop()
+    anything = serve(web_root, hosts=("*",))
+    try:
+        assert raw(anything, "/config.json", "Host: evil.example")[0] == 200
+    finally:
+        anything.stop()
 
 
 def test_config_json_defaults() -> None:
@@ -200,3 +249,17 @@ def test_the_shipped_page_needs_no_inline_code_and_its_files_are_there() -> None
     assert page.scripts, "the page loads its script"
     for src in page.scripts:
         assert (WEB_ROOT / src).is_file(), src
+
+
+def test_http_hosts_option_takes_host_names_only() -> None:
+    from bridge.cli import http_hosts_from
+    from bridge.config import ConfigError
+
+    assert http_hosts_from(" Chat.Example.com, proxy.example.test. ,,*") == (
+        "chat.example.com",
+        "proxy.example.test",
+        "*",
+    )
+    for bad in ("https://chat.example.com", "chat.example.com:443", "a b", "-x"):
+        with pytest.raises(ConfigError, match="--http-hosts"):
+            http_hosts_from(bad)
