@@ -464,9 +464,15 @@ def remove_conversation(cmd: p.RemoveConversation, ctx: Context) -> None:
 
 
 def post(
-    ctx: Context, conv: Conversation, body: str, client_msg_id: str | None, everyone: list[str] | None = None
+    ctx: Context,
+    conv: Conversation,
+    body: str,
+    client_msg_id: str | None,
+    everyone: list[str] | None = None,
+    offline: set[str] | None = None,
 ) -> None:
-    """Stores a message and tells the participants (`everyone`, when the caller already read them)."""
+    """Stores a message and tells the participants (`everyone`, when the caller already read them, and
+    `offline`, those of them without an active session, when it read that too)."""
     store = ctx.store
     if client_msg_id is not None:
         original = store.find_by_client_msg_id(conv.conversation_id, ctx.sender, client_msg_id)
@@ -484,12 +490,19 @@ def post(
     others = [u for u in (everyone if everyone is not None else audience(store, conv)) if u != ctx.sender]
     ctx.notify(p.MessageAdded, data, others, conv.conversation_id)
     if owner_of_membership(conv) != GLOBAL_ID:
-        notify_offline(ctx, message, others)
+        notify_offline(ctx, message, others, offline)
 
 
-def notify_offline(ctx: Context, message: Message, recipients: Sequence[str]) -> None:
-    """A notification for each recipient without an active session (for a push gateway)."""
-    offline = ctx.store.without_active_session(recipients)
+def notify_offline(
+    ctx: Context, message: Message, recipients: Sequence[str], known: set[str] | None = None
+) -> None:
+    """A notification for each recipient without an active session (for a push gateway); `known`:
+    those of them without one, when the caller read it already."""
+    offline = (
+        ctx.store.without_active_session(recipients)
+        if known is None
+        else [u for u in recipients if u in known]
+    )
     if not offline:
         return
     data_of = {
@@ -509,12 +522,21 @@ def notify_offline(ctx: Context, message: Message, recipients: Sequence[str]) ->
 
 
 def send_message(cmd: p.SendMessage, ctx: Context) -> None:
-    # One read of the participants serves both the visibility check and the delivery (the hot path).
+    # One read of the participants (and who of them is online) serves the visibility check, the
+    # delivery and the notifications (the hot path).
     conv = ctx.store.get_conversation(cmd.conversation_id)
-    everyone = audience(ctx.store, conv) if conv is not None else []
+    offline: set[str] | None = None
+    if conv is None:
+        everyone = []
+    elif owner_of_membership(conv) == conv.conversation_id != GLOBAL_ID:  # a direct or group one
+        online = ctx.store.participants_online(conv.conversation_id)
+        everyone = [u for u, _ in online]
+        offline = {u for u, on in online if not on}
+    else:
+        everyone = audience(ctx.store, conv)
     if conv is None or (owner_of_membership(conv) != GLOBAL_ID and ctx.sender not in everyone):
         raise NotFound(f"conversation {cmd.conversation_id} not found")
-    post(ctx, conv, cmd.body, cmd.client_msg_id, everyone)
+    post(ctx, conv, cmd.body, cmd.client_msg_id, everyone, offline)
 
 
 def reply(cmd: p.Reply, ctx: Context) -> None:

@@ -140,6 +140,10 @@ class MemoryStore:
     def participant_ids(self, conversation_id: str) -> list[str]:
         return sorted(self._s.participants.get(conversation_id, ()))
 
+    def participants_online(self, conversation_id: str) -> list[tuple[str, bool]]:
+        active = {s.user_id for s in self._s.sessions.values() if s.active}
+        return [(u, u in active) for u in self.participant_ids(conversation_id)]
+
     def is_participant(self, conversation_id: str, user_id: str) -> bool:
         return user_id in self._s.participants.get(conversation_id, ())
 

@@ -47,19 +47,21 @@ def cost_of(deliveries: Sequence[core.Delivery]) -> int:
     rate limit allowed kept the database busy and everybody else's commands waited half a minute). A
     page with more to come costs what was read for it (`limit`), though fewer fit the answer; a page that
     reached the end costs what it carries (a catch-up of many quiet conversations stays cheap)."""
-    total = 0
+    total = len(deliveries)
     for delivery in deliveries:
-        total += 1
-        data = getattr(delivery.payload, "data", None)
-        if isinstance(data, p.MessagesData):
-            total += len(data.messages)
-        elif isinstance(data, p.ConversationsData):
-            total += len(data.conversations)
-        elif isinstance(data, p.ParticipantsData):
-            total += len(data.participants)
-        elif isinstance(data, p.ActiveUsersData):
-            total += len(data.users)
+        listed = _LISTED.get(type(getattr(delivery.payload, "data", None)))
+        if listed is not None:
+            total += len(getattr(delivery.payload.data, listed))  # type: ignore[attr-defined]
     return total
+
+
+# The data of a page or a listing (no subclasses: looked up by type), and the list it carries.
+_LISTED: dict[type, str] = {
+    p.MessagesData: "messages",
+    p.ConversationsData: "conversations",
+    p.ParticipantsData: "participants",
+    p.ActiveUsersData: "users",
+}
 
 
 # Ids are the prefix, `_` and 16 URL-safe base64 characters: 12 random bytes from the operating

@@ -10,7 +10,15 @@ from sqlalchemy import delete, func, insert, select, text
 from ..model import GLOBAL_ID, Conversation
 from .base import StoreBase
 from .statements import Listed, Sql
-from .tables import CONV_COLS, conversation_of, conversations, messages, participants, read_markers
+from .tables import (
+    CONV_COLS,
+    conversation_of,
+    conversations,
+    messages,
+    participants,
+    read_markers,
+    sessions,
+)
 
 CONV = select(*CONV_COLS)
 
@@ -50,6 +58,21 @@ class Conversations(StoreBase):
 
     def participant_ids(self, conversation_id: str) -> list[str]:
         return [r[0] for r in self._exec(self.PARTICIPANT_IDS, cid=conversation_id).fetchall()]
+
+    PARTICIPANTS_ONLINE = Sql(
+        select(
+            participants.c.user_id,
+            select(sessions.c.session_id)
+            .where(sessions.c.user_id == participants.c.user_id, sessions.c.ended_ms.is_(None))
+            .exists(),
+        )
+        .where(participants.c.conversation_id == b("cid"))
+        .order_by(participants.c.user_id)
+    )
+
+    def participants_online(self, conversation_id: str) -> list[tuple[str, bool]]:
+        rows = self._exec(self.PARTICIPANTS_ONLINE, cid=conversation_id).fetchall()
+        return [(user_id, bool(online)) for user_id, online in rows]
 
     IS_PARTICIPANT = Sql(
         select(participants.c.user_id).where(

@@ -111,6 +111,28 @@ def test_membership_counts_agree(database_url: str) -> None:
     engine.dispose()
 
 
+def test_participants_online_agree(database_url: str) -> None:
+    engine = make_engine(database_url)
+    init_db(engine, 0)
+    found = []
+    for w in (World(), World(SqlUnitOfWork(engine))):
+        for u in USERS:
+            w.do(u, "connect", session_id="s")
+        w.do("carol", "connect", session_id="t")  # two sessions: one row all the same
+        group = w.do("alice", "create-conversation", kind="group", participants=["dave", "bob", "carol"])
+        cid = group.inbox("alice")[0]["data"]["conversation"]["conversation_id"]
+        w.do("bob", "disconnect", session_id="s")
+        w.do("carol", "disconnect", session_id="s")  # still online through "t"
+        with w.uow.transaction() as store:
+            found.append((store.participants_online(cid), store.participants_online("nothing")))
+    assert found[0] == found[1]
+    assert found[0] == (
+        [("alice", True), ("bob", False), ("carol", True), ("dave", True)],
+        [],
+    )
+    engine.dispose()
+
+
 def test_sql_store_matches_the_memory_store(database_url: str) -> None:
     engine = make_engine(database_url)
     init_db(engine, 0)
