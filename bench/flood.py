@@ -57,11 +57,11 @@ def _idle_priority() -> None:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def paho_flood(port: int, seconds: float, idle: bool) -> None:
+def paho_flood(port: int, seconds: float, idle: bool, cid: str = "mallory-paho") -> None:
     """Publishes as fast as paho lets it (mallory also reads her inbox, as a client would)."""
     if idle:
         _idle_priority()
-    c = client("mallory-paho", port, ["chat/v1/users/mallory/inbox"], lambda *a: None)
+    c = client(cid, port, ["chat/v1/users/mallory/inbox"], lambda *a: None)
     end = time.monotonic() + seconds
     sent = 0
     while time.monotonic() < end:
@@ -74,11 +74,16 @@ def paho_flood(port: int, seconds: float, idle: bool) -> None:
 
 
 class Flooder:
-    def __init__(self, kind: str, port: int, seconds: float, idle: bool) -> None:
+    def __init__(self, kind: str, port: int, seconds: float, idle: bool, connections: int = 1) -> None:
         self.kind = kind
+        self.others: list[Any] = []
         if kind == "paho":
             self.proc: Any = multiprocessing.Process(target=paho_flood, args=(port, seconds, idle))
             self.proc.start()
+            for i in range(1, connections):  # more connections of the same account
+                other = multiprocessing.Process(target=paho_flood, args=(port, seconds, idle, f"mallory:{i}"))
+                other.start()
+                self.others.append(other)
         else:
             spam = SPAM.decode()
             cmd = (
@@ -90,6 +95,8 @@ class Flooder:
     def stop(self) -> None:
         if self.kind == "paho":
             self.proc.join(60)
+            for other in self.others:
+                other.join(60)
         else:
             os.killpg(self.proc.pid, 15)
             self.proc.wait(10)
@@ -201,7 +208,9 @@ def run_setup(guard: bool, args: argparse.Namespace) -> list[dict[str, Any]]:
             cpu0, t0 = proc_stats(bridge.pid)[0], time.monotonic()
             flooder = None
             if kind:
-                flooder = Flooder(kind, port, args.seconds + 1, args.flooder_priority == "idle")
+                flooder = Flooder(
+                    kind, port, args.seconds + 1, args.flooder_priority == "idle", args.connections
+                )
                 time.sleep(0.5)  # let the flood build up before bob starts
             lat = measure(port, cid, args.seconds, args.rate)
             received1 = counter.fresh() if counter else 0
@@ -257,6 +266,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="length of each phase")
     parser.add_argument("--rate", type=float, default=20, help="bob's messages per second")
     parser.add_argument("--flooders", default="paho,c", help="comma-separated: paho, c")
+    parser.add_argument(
+        "--connections", type=int, default=1, help="paho flooder: connections of mallory's account"
+    )
     parser.add_argument("--flooder-priority", choices=["idle", "normal"], default="idle")
     parser.add_argument("--guard", choices=["both", "off", "on"], default="both")
     parser.add_argument(
@@ -272,7 +284,8 @@ def main() -> None:
         subprocess.run(["bash", str(ROOT / "scripts" / "build-flood-guard")], check=True)
     print(
         f"bob: {args.rate:g} msg/s for {args.seconds:g} s per phase, send-message -> answer (ms); "
-        f"flooder at {args.flooder_priority} CPU priority"
+        f"flooder at {args.flooder_priority} CPU priority, {args.connections} connection(s); "
+        f"uptime: {os.popen('uptime').read().strip()}"
     )
     print(f"{'guard':5} {'flooder':7} answered      p50      p99      max  broker/s  bridge  mallory")
     rows = [row for guard in guards for row in run_setup(guard, args)]

@@ -3,11 +3,16 @@
 Independent of the transport (bridge/transport.py). The concurrency model is one
 asyncio event loop for all I/O and bookkeeping, plus one database thread:
 
-- the transport calls `received()` on the loop; commands wait in `_inbox`;
-- one task takes them in batches, refuses those over their sender's rate limit
-  without storage, and applies the rest with `Service.handle_batch` on the
-  database thread (one transaction, which also stores the events in the outbox
-  and forgets the batches the broker has acknowledged since);
+- the transport calls `received()` on the loop; a command over its sender's rate
+  limit is answered `rate-limited` and acknowledged there and then (no storage,
+  no turn of the pipeline; while the publish window is full it waits like the
+  others); the rest wait in one queue per user;
+- one task takes them in batches, a command of each waiting user in turn (so a
+  user with thousands waiting delays another's next command by at most one
+  batch, and each user's commands keep their order), refuses those of users in
+  debt of their cost budget, and applies the rest with `Service.handle_batch`
+  on the database thread (one transaction, which also stores the events in the
+  outbox and forgets the batches the broker has acknowledged since);
 - after the commit it hands the events to the transport and acknowledges the
   commands; each event's completion counts down its batch, and a batch whose
   every event the broker took is forgotten at the next commit (or when idle).
@@ -180,7 +185,10 @@ class Pipeline:
         self.clock = clock
         self.probe_topic = topics.command(BRIDGE_USER, PROBE)
         self._since = p.iso_ms(service.clock())
-        self._inbox: deque[tuple[Command, Inbound]] = deque()
+        # per user, in arrival order; with each command whether its rate limit was checked on arrival
+        self._queues: dict[str, deque[tuple[Command, Inbound, bool]]] = {}
+        self._turns: deque[str] = deque()  # the users with commands waiting, in the order of their turns
+        self._waiting = 0  # commands in the queues
         self._jobs: deque[Callable[[], Batch]] = deque()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()  # set while the publish window has room
@@ -280,6 +288,8 @@ class Pipeline:
             log.warning("broker unavailable: %s; retrying", error)
 
     def received(self, commands: Sequence[Command]) -> None:
+        refused: list[tuple[Command, list[core.Delivery]]] = []
+        room = self._backlog < self.publish_window
         for cmd in commands:
             parsed = self.topics.parse_command(cmd.topic)
             if cmd.retain:
@@ -298,9 +308,46 @@ class Pipeline:
                     self._ignore(cmd, "bridge-topic", f"{BRIDGE_USER} is the bridge's own account")
                 continue
             self._in_hand += 1
-            self._inbox.append((cmd, Inbound(user, name, cmd.payload, queued=self._backlog_open)))
+            inbound = Inbound(user, name, cmd.payload, queued=self._backlog_open)
+            if room:
+                answers = self.service.refusal(inbound)
+                if answers is not None:
+                    refused.append((cmd, answers))
+                    continue
+            self._queue(cmd, inbound, room)
         self._probe_since = max(self._probe_since, self.clock())  # the subscription delivers
+        if refused:
+            self._refuse(refused)
         self._wake.set()
+
+    def _queue(self, cmd: Command, inbound: Inbound, checked: bool) -> None:
+        queue = self._queues.get(inbound.user_id)
+        if queue is None:
+            queue = self._queues[inbound.user_id] = deque()
+            self._turns.append(inbound.user_id)
+        queue.append((cmd, inbound, checked))
+        self._waiting += 1
+
+    def _take(self, count: int) -> list[tuple[Command, Inbound, bool]]:
+        """Up to `count` waiting commands: one of each waiting user in turn, each user's in order."""
+        taken: list[tuple[Command, Inbound, bool]] = []
+        queues, turns = self._queues, self._turns
+        while turns and len(taken) < count:
+            user = turns.popleft()
+            queue = queues[user]
+            taken.append(queue.popleft())
+            if queue:
+                turns.append(user)
+            else:
+                del queues[user]
+        self._waiting -= len(taken)
+        return taken
+
+    def _refuse(self, refused: list[tuple[Command, list[core.Delivery]]]) -> None:
+        answers = [answer for _, some in refused for answer in some]
+        self._ack([cmd for cmd, _ in refused], [])
+        if answers:
+            self._send(Batch("", answers, encode(answers, "")))
 
     def _ignore(self, cmd: Command, kind: str, why: str) -> None:
         self.status.ignored_messages += 1
@@ -375,7 +422,7 @@ class Pipeline:
     # --- the worker task ---------------------------------------------------------
 
     async def _step(self) -> None:
-        if not self._inbox and not self._jobs:
+        if not self._waiting and not self._jobs:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
@@ -388,11 +435,12 @@ class Pipeline:
         if self._jobs:
             self._send(await self._retrying(self._jobs.popleft()))
             return
-        taken = [self._inbox.popleft() for _ in range(min(self.batch_max, len(self._inbox)))]
         admitted: list[tuple[Command, Inbound]] = []
         refused: list[tuple[Command, list[core.Delivery]]] = []
-        for cmd, inbound in taken:
-            answers = self.service.refusal(inbound)
+        for cmd, inbound, checked in self._take(self.batch_max):
+            # the rate limit was checked on arrival, unless the publish window was full then; the cost
+            # budget again now: the user's commands before this one have been charged meanwhile
+            answers = self.service.over_cost(inbound) if checked else self.service.refusal(inbound)
             if answers is None:
                 admitted.append((cmd, inbound))
             else:
@@ -414,10 +462,7 @@ class Pipeline:
             self._send(batch)
         if refused:
             # after the admitted commands: a flooder's refusals never delay the others' answers
-            answers = [answer for _, some in refused for answer in some]
-            self._ack([cmd for cmd, _ in refused], [])
-            if answers:
-                self._send(Batch("", answers, encode(answers, "")))
+            self._refuse(refused)
 
     def _held(self, apply: Callable[[], Batch], count: int) -> Batch:
         """On the database thread, tests only: waits `HOLD_BEFORE_APPLY` seconds, then applies."""

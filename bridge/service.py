@@ -365,6 +365,10 @@ class Service:
             return self._over_cost(item)
         return self._rate_limited(item, wait, f"too many commands; retry in {wait:.3f}s")
 
+    def over_cost(self, item: Inbound) -> list[core.Delivery] | None:
+        """As `refusal` for a command whose rate limit was checked already: its cost budget only."""
+        return self._over_cost(item)
+
     def _over_cost(self, item: Inbound) -> list[core.Delivery] | None:
         if self.cost is None or item.command == "disconnect" or item.queued:
             return None

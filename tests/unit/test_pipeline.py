@@ -402,3 +402,81 @@ async def test_typing_goes_out_at_qos_0_acknowledged_never_stored() -> None:
     assert "t" not in h.answers("alice"), "a successful typing is not answered"
     assert all(b'"typing"' not in e.payload for e in h.uow.store._s.outbox)
     await h.stop()
+
+
+@run
+async def test_a_user_with_thousands_waiting_delays_anothers_command_by_one_batch_at_most() -> None:
+    """Fair turns: each batch takes a command of every waiting user in turn, so bob's command, arriving
+    behind 600 of mallory's, is in the next batch (first come first served made it wait for all 600);
+    each user's commands keep their order."""
+    h = await Harness(batch_max=8).start()
+    for user in ("mallory", "bob"):
+        h.send(user, "connect", session_id="s", request_id=f"c-{user}")
+    await until(lambda: len(h.transport.acked) == 2)
+    flood = [
+        h.transport.command(
+            TOPICS.command("mallory", "send-message"),
+            orjson.dumps({"conversation_id": "global", "body": f"spam {i}", "request_id": f"m{i}"}),
+        )
+        for i in range(600)
+    ]
+    h.transport.deliver(*flood)
+    h.send("bob", "send-message", conversation_id="global", body="hi", request_id="b")
+    await until(lambda: len(h.transport.acked) == 603)
+    inboxes = (TOPICS.inbox("mallory"), TOPICS.inbox("bob"))
+    answers = [str(orjson.loads(e.payload).get("request_id")) for e in h.events() if e.topic in inboxes]
+    answered = [r for r in answers if r == "b" or r.startswith("m")]
+    assert answered.index("b") <= 8, answered.index("b")
+    assert [r for r in answered if r != "b"] == [f"m{i}" for i in range(600)]
+    await h.stop()
+
+
+@run
+async def test_commands_over_the_rate_limit_are_refused_on_arrival_without_waiting_their_turn() -> None:
+    """A flooder's refused commands take no turn of the pipeline: they are answered and acknowledged on
+    arrival, even while a batch waits for the database, and never wait behind admitted commands."""
+    uow, transport = FlakyUnitOfWork(), FakeTransport()
+    loop_probes(transport)  # past the broker's queued backlog, which is never rate-limited
+    h = await Harness(uow, limiter=RateLimiter(0.01, 5), transport=transport).start()
+    await until(lambda: h.pipeline.status.probes_returned == 1)
+    h.send("mallory", "connect", session_id="s", request_id="c")
+    await until(lambda: len(h.transport.acked) == 1)
+    uow.down = True
+    for i in range(50):
+        h.send("mallory", "send-message", conversation_id="global", body=f"spam {i}", request_id=f"m{i}")
+    h.send("bob", "send-message", conversation_id="global", body="hi", request_id="b")
+    # storage is down: the four of mallory's within her burst and bob's wait; the 46 over it do not
+    await until(lambda: len(h.transport.acked) == 1 + 46)
+    refused = [e for e in h.inbox("mallory") if (e.get("request_id") or "").startswith("m")]
+    assert [e["request_id"] for e in refused] == [f"m{i}" for i in range(4, 50)]
+    assert all(e["type"] == "error" and e["data"]["code"] == "rate-limited" for e in refused)
+    assert h.answers("bob") == []
+    uow.down = False
+    await until(lambda: "b" in h.answers("bob") and len(h.transport.acked) == 52)
+    added = [e["request_id"] for e in h.inbox("mallory") if e["type"] == "message-added"]
+    assert [r for r in added if (r or "").startswith("m")] == ["m0", "m1", "m2", "m3"]
+    await h.stop()
+
+
+@run
+async def test_refusals_on_arrival_wait_while_the_publish_window_is_full() -> None:
+    """Backpressure holds for refusals too: while the broker takes no events, commands over the limit
+    stay unacknowledged (their answers would pile up in the bridge), and are answered afterwards."""
+    transport = FakeTransport(auto_complete=False)
+    loop_probes(transport)
+    h = await Harness(transport=transport, publish_window=3, limiter=RateLimiter(0.01, 1)).start()
+    h.transport.complete()  # status and probe
+    await until(lambda: h.pipeline.status.probes_returned == 1)
+    h.send("alice", "connect", session_id="a1", request_id="c")  # three events: the window is full
+    await until(lambda: len(h.transport.acked) == 1)
+    for i in range(5):
+        h.send("alice", "get-active-users", request_id=f"g{i}")
+    await asyncio.sleep(0.02)
+    assert len(h.transport.acked) == 1
+    while len(h.transport.acked) < 6:
+        h.transport.complete()
+        await asyncio.sleep(0.001)
+    await until(lambda: len(h.answers("alice")) == 6)
+    h.transport.complete()
+    assert h.answers("alice") == ["c", *(f"g{i}" for i in range(5))]
+    await h.stop()
