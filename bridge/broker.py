@@ -47,7 +47,7 @@ from amqtt.adapters import (
     StreamWriterAdapter,
     WebSocketsWriter,
 )
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
@@ -60,6 +60,7 @@ from amqtt.utils import gen_client_id
 from websockets.exceptions import ConnectionClosed
 
 from . import passwords
+from .delivery import MAX_QUEUED, Delivery, Fanout, outbox_of, schedule_write
 from .inprocess_transport import AckAfterCommit, CommandGate
 from .limits import OncePer, RateLimiter
 from .netaddr import address_key
@@ -247,7 +248,57 @@ class GuardedHandler(AckAfterCommit):
     of up to `MAX_PACKET` bytes, in the session until then, up to 65,535 of them and after the
     client is gone too (a persistent session for 7 days), so one account that never sends PUBREL
     could make the broker hold gigabytes. One more closes the connection (its will fires), as MQTT 5
-    does past a client's receive maximum; the publish is dropped."""
+    does past a client's receive maximum; the publish is dropped.
+
+    It is also where the bridge's events meet a connection (bridge/delivery.py): once the connection
+    is ready for PUBLISHes (after its CONNACK) its session's outbox sends through it, a PUBACK for one
+    of them sends the next, and when it stops the outbox waits for the session's next connection."""
+
+    fanout: Fanout | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._emitted: list[bytes] = []  # packets for a WebSocket connection, written under its lock
+        self._emitting = False
+
+    def emit_locked(self, data: bytes) -> None:
+        schedule_write(self, data)
+
+    async def _retry_deliveries(self) -> None:
+        """amqtt's retries of its own messages in flight, and the session's events (bridge/delivery.py)
+        resumed on this connection: first those sent before and not acknowledged (again, DUP), then
+        those that waited, in order. amqtt would send the events again under its 5 s timeout and drop
+        them at its end."""
+        session = self.session
+        if session is None:
+            raise AMQTTError("Session is not initialized.")
+        if self.fanout is not None:
+            outbox_of(session).attach(self, self.fanout.window)
+        others = [
+            message
+            for message in (*session.inflight_in.values(), *session.inflight_out.values())
+            if not isinstance(message, Delivery)
+        ]
+        if others:
+            await asyncio.wait(
+                [asyncio.create_task(asyncio.wait_for(self._handle_message_flow(m), 10)) for m in others]
+            )
+
+    async def handle_puback(self, puback: Any) -> None:
+        session, fanout = self.session, self.fanout
+        if session is not None and fanout is not None:
+            out = session.__dict__.get("_bridge_out")
+            if out is not None and out.acked(puback.variable_header.packet_id, fanout.window):
+                return
+        await super().handle_puback(puback)
+
+    async def stop(self) -> None:
+        session = self.session
+        if session is not None:
+            out = session.__dict__.get("_bridge_out")
+            if out is not None:
+                out.detach(self)
+        await super().stop()
 
     async def _handle_qos2_message_flow(self, app_message: Any) -> None:
         session = self.session
@@ -432,6 +483,7 @@ class Caps:
     max_sessions: int = 10  # persistent sessions (clean session false) per account
     session_expiry: int = 7 * 24 * 3600  # seconds a disconnected persistent session is kept
     offline_queue: int = 1000  # messages queued for one disconnected persistent session
+    max_queued: int = MAX_QUEUED  # events a connected session holds unacknowledged; beyond: closed
     max_keepalive: int = 300  # a keepalive of 0 or above this counts as this (the watchdog)
     max_pending: int = 512  # connections (TCP and WebSockets) not logged in yet, in all
     max_pending_per_address: int = 32  # the same from one address (IPv6: its /64)
@@ -670,6 +722,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         self._account_task: asyncio.Task[None] | None = None
         self.connect_timeout = CONNECT_TIMEOUT
         self.max_packet: int | None = MAX_PACKET
+        self.fanout = Fanout(self, topics, offline_queue=caps.offline_queue, max_queued=caps.max_queued)
 
     async def start(self) -> None:
         await super().start()
@@ -683,7 +736,9 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             self._account_task.cancel()
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline and (
-            not self._broadcast_queue.empty() or any(not t.done() for t in self._tasks_queue)
+            not self._broadcast_queue.empty()
+            or any(not t.done() for t in self._tasks_queue)
+            or self.fanout.pending()
         ):
             await asyncio.sleep(0.01)
         await super().shutdown()
@@ -706,8 +761,43 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             ):
                 return
         payload = orjson.dumps({"status": "offline", "epoch": epoch, "since": since})
-        await self.retain_message(None, topic, payload, 1)
-        await self.internal_message_broadcast(topic, payload)
+        self.deliver([(topic, payload, True)])
+
+    def deliver(self, events: list[tuple[str, bytes, bool]], qos: int = 1) -> None:
+        """The bridge's events (topic, payload, retained), in order, straight to the sessions that may
+        read them (bridge/delivery.py); a retained one is kept for later subscribers first. On the
+        broker's loop."""
+        publish, gate = self.fanout.publish, self.commands
+        for topic, payload, retain in events:
+            if gate is not None and gate.wants(topic):  # the bridge's probe: back to it, behind the commands
+                gate.offer(topic, bytes(payload), None)
+                if not self.topics.open_access:
+                    continue
+            if retain:
+                self._retain_now(topic, payload)
+            publish(topic, payload, qos)
+
+    def _retain_now(self, topic: str, payload: bytes) -> None:
+        """amqtt's `retain_message` for the bridge's events, without a coroutine when no plugin listens."""
+        if payload:
+            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, 1)
+        elif self._retained_messages.pop(topic, None) is None:
+            return
+        if BrokerEvents.RETAINED_MESSAGE in getattr(
+            self.plugins_manager, "_event_plugin_callbacks", {BrokerEvents.RETAINED_MESSAGE: 1}
+        ):
+            retained = self._retained_messages.get(topic) or RetainedApplicationMessage(None, topic, b"", 1)
+            asyncio.get_running_loop().create_task(
+                self.plugins_manager.fire_event(
+                    BrokerEvents.RETAINED_MESSAGE, client_id=None, retained_message=retained
+                )
+            )
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
+        code = int(await super().add_subscription(subscription, session))
+        if code != 0x80:
+            self.fanout.subscribed(subscription[0])
+        return code
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         """amqtt's, over a snapshot of the subscriptions: it awaits the topic rules inside its loop, and a
@@ -893,6 +983,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                 self.connect_timeout,
             )
             handler.gate = self.commands
+            handler.fanout = self.fanout
         except TimeoutError:
             await writer.close()
             raise AMQTTError(f"no CONNECT within {self.connect_timeout:g} s") from None
@@ -1167,10 +1258,11 @@ class InProcessPublisher:
     """Hands the bridge's events straight to the embedded broker, skipping MQTT between the two.
 
     Through a client connection each event cost a paho publish, a PUBACK to decode and amqtt's whole
-    inbound path; this puts it on amqtt's broadcast queue, which applies the same per-subscriber topic
-    rules (`Action.RECEIVE`). Called from the bridge's worker thread; returns, per batch, a future that
-    completes once amqtt has taken every event (the broker and the bridge share one process, so that
-    is as far as an acknowledgement goes).
+    inbound path; this gives them to the broker's direct delivery (`EmbeddedBroker.deliver`, see
+    bridge/delivery.py), which applies the same per-subscriber topic rules. Called on the broker's
+    loop (`chat-bridge serve`) it delivers at once; from another thread, on the broker's loop. Returns,
+    per batch, a future that completes once the broker has taken every event (the broker and the
+    bridge share one process, so that is as far as an acknowledgement goes).
     """
 
     def __init__(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
@@ -1178,22 +1270,30 @@ class InProcessPublisher:
         self.loop = loop
 
     def __call__(self, events: list[tuple[str, bytes, bool]]) -> concurrent.futures.Future[None]:
-        return asyncio.run_coroutine_threadsafe(self._publish(events), self.loop)
+        return self._hand(events, 1)
 
     def ephemeral(self, events: list[tuple[str, bytes]]) -> concurrent.futures.Future[None]:
-        """QoS 0 events (typing). Forced to QoS 0: amqtt otherwise delivers at the subscription's QoS,
-        whatever the publish's, even a client's QoS 0 publish."""
-        return asyncio.run_coroutine_threadsafe(self._publish_qos0(events), self.loop)
+        """QoS 0 events (typing), delivered at QoS 0 whatever the subscription's."""
+        return self._hand([(topic, payload, False) for topic, payload in events], 0)
 
-    async def _publish_qos0(self, events: list[tuple[str, bytes]]) -> None:
-        for topic, payload in events:
-            await self.broker.internal_message_broadcast(topic, payload, 0)
+    def _hand(self, events: list[tuple[str, bytes, bool]], qos: int) -> concurrent.futures.Future[None]:
+        try:
+            here = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            here = False
+        if not here:
+            return asyncio.run_coroutine_threadsafe(self._deliver(events, qos), self.loop)
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            self.broker.deliver(events, qos)
+        except Exception as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        return done
 
-    async def _publish(self, events: list[tuple[str, bytes, bool]]) -> None:
-        for topic, payload, retain in events:
-            if retain:
-                await self.broker.retain_message(None, topic, payload, 1)
-            await self.broker.internal_message_broadcast(topic, payload)
+    async def _deliver(self, events: list[tuple[str, bytes, bool]], qos: int) -> None:
+        self.broker.deliver(events, qos)
 
 
 def port_problem(host: str, port: int, option: str = "--listen") -> str | None:

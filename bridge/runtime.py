@@ -59,7 +59,18 @@ class InProcessEvents:
             batch = [(e, f) for e, f in batch if e.qos]
             if not batch:
                 return
-        taken = asyncio.wrap_future(self.publisher([(e.topic, e.payload, e.retain) for e, _ in batch]))
+        handed = self.publisher([(e.topic, e.payload, e.retain) for e, _ in batch])
+        if handed.done():  # taken already (the embedded broker on this loop)
+            error = handed.exception()
+            for _, future in batch:
+                if future.done():
+                    continue
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(Disconnected(f"the embedded broker did not take it: {error}"))
+            return
+        taken = asyncio.wrap_future(handed)
 
         def settle(done: asyncio.Future[None]) -> None:
             error = None if done.cancelled() else done.exception()

@@ -419,6 +419,7 @@ def test_connections_and_persistent_sessions_are_capped_per_account(tmp_path: Pa
 
 def test_an_offline_persistent_sessions_queue_is_bounded(tmp_path: Path) -> None:
     from bridge.broker import Caps
+    from bridge.delivery import queued
 
     with embedded(tmp_path, caps=Caps(offline_queue=5)) as broker:
         alice = user("alice", broker.port)
@@ -430,7 +431,7 @@ def test_an_offline_persistent_sessions_queue_is_bounded(tmp_path: Path) -> None
         for i in range(20):
             alice.request("send-message", conversation_id=cid, body=f"m{i}")
         session, _handler = broker.broker._sessions["bob:phone"]
-        assert session.retained_messages.qsize() == 5
+        assert queued(session) == 5
         alice.stop()
 
 
