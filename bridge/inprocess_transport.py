@@ -17,7 +17,12 @@ sent again by the client's library after it reconnects.
   guard; last wills too) and where the pipeline takes them, in order, a burst at a time; commands that
   arrive before the pipeline started wait there (the pipeline's probe marks their end, as with a
   broker's queued backlog). The broker acknowledges at once what it does not hand over (a command
-  its rules drop), as amqtt would.
+  its rules drop), as amqtt would. The gate holds at most `MAX_BUFFERED` commands or
+  `MAX_BUFFERED_BYTES` of payload not yet taken (only while the pipeline has not attached, or its
+  loop is stuck, does it hold more than one burst): one more is not kept and not acknowledged, and
+  the connection that published it is dropped, so its client's library sends it again, with the
+  others not acknowledged yet, once it has reconnected (a QoS 0 command, or a will, is lost; neither
+  was ever acknowledged).
 - `GateCommands` is the pipeline's side, a `Transport` for the commands; events go straight to the
   broker through `runtime.InProcessEvents` (the probe too, which the broker routes back through the
   gate behind the commands before it).
@@ -40,9 +45,13 @@ from amqtt.errors import AMQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import INCOMING
 
+from .limits import OncePer
 from .transport import Command, Event, Listener
 
 log = logging.getLogger(__name__)
+
+MAX_BUFFERED = 20_000  # commands the gate holds for the pipeline at most
+MAX_BUFFERED_BYTES = 32 * 1024 * 1024  # and bytes of their payloads
 
 
 def _nothing() -> None:
@@ -181,10 +190,16 @@ def _qos2_received(session: Any) -> dict[int, _Pending]:
 class CommandGate:
     """The embedded broker's commands, on their way to the pipeline; see the module docstring."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(
+        self, prefix: str, *, max_buffered: int = MAX_BUFFERED, max_bytes: int = MAX_BUFFERED_BYTES
+    ) -> None:
         self._head = f"{prefix}/users/"
         self._lock = threading.Lock()
         self._buffer: list[Command] = []
+        self._bytes = 0  # of the payloads in the buffer
+        self.max_buffered, self.max_bytes = max_buffered, max_bytes
+        self.refused = 0  # commands not kept because the buffer was full
+        self._warning = OncePer(60_000)
         self._listener: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the pipeline's
         self._scheduled = False
@@ -200,6 +215,11 @@ class CommandGate:
 
     def offer(self, topic: str, payload: bytes, ack: Callable[[], None] | None) -> None:
         """A command routed by the broker; `ack` (on the broker's loop) sends its PUBACK."""
+        with self._lock:
+            full = len(self._buffer) >= self.max_buffered or self._bytes + len(payload) > self.max_bytes
+        if full:
+            self._refuse(topic, ack)
+            return
         if ack is None:
             ack = _nothing
         else:
@@ -208,6 +228,7 @@ class CommandGate:
                 ack = _threadsafe(broker_loop, ack)
         with self._lock:
             self._buffer.append(Command(topic, payload, False, ack))
+            self._bytes += len(payload)
             due = self._loop is not None and not self._scheduled
             if due:
                 self._scheduled = True
@@ -217,6 +238,21 @@ class CommandGate:
                 loop.call_soon(self._flush)
             else:
                 loop.call_soon_threadsafe(self._flush)
+
+    def _refuse(self, topic: str, ack: Callable[[], None] | None) -> None:
+        """The buffer is full: the command is not kept, and its connection is dropped unacknowledged
+        (so that its client sends it again after reconnecting)."""
+        self.refused += 1
+        if self._warning.due("full", int(asyncio.get_running_loop().time() * 1000)):
+            log.warning(
+                "the bridge has not taken %d commands yet (the most kept for it): dropping the "
+                "connections that publish more (%s; %d so far), their clients send them again",
+                len(self._buffer),
+                topic,
+                self.refused,
+            )
+        if isinstance(ack, _Pending):
+            _abort(ack.handler.writer)
 
     # --- the pipeline's side (on its loop) -----------------------------------------------
 
@@ -236,6 +272,7 @@ class CommandGate:
     def _flush(self) -> None:
         with self._lock:
             commands, self._buffer = self._buffer, []
+            self._bytes = 0
             self._scheduled = False
             listener = self._listener
         if commands and listener is not None:
@@ -243,6 +280,15 @@ class CommandGate:
         elif commands:  # detached meanwhile: they wait, unacknowledged
             with self._lock:
                 self._buffer[:0] = commands
+                self._bytes += sum(len(c.payload) for c in commands)
+
+
+def _abort(writer: Any) -> None:
+    """Drops a client connection under amqtt's writer adapter (TCP or WebSocket) at once."""
+    inner = getattr(writer, "_writer", None) or getattr(writer, "_protocol", None)
+    transport = getattr(inner, "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -122,3 +122,39 @@ def test_pubacks_leave_only_when_acknowledged_and_in_arrival_order() -> None:
         return bytes(handler.writer.data)
 
     assert asyncio.run(main()) == b"\x40\x02\x00\x07" + b"\x40\x02\x00\x08" + b"\x40\x02\x00\x09"
+
+
+def test_the_gate_holds_a_bounded_number_of_commands_and_drops_the_connections_beyond() -> None:
+    """Before the pipeline attaches the gate used to keep every command: now at most `max_buffered`
+    (and `max_bytes`); one more is neither kept nor acknowledged, and its connection is dropped, so
+    the client sends it again after reconnecting. Nothing acknowledged is lost."""
+
+    class Transport:
+        aborted = 0
+
+        def abort(self) -> None:
+            self.aborted += 1
+
+    async def main() -> tuple[Listener, list[Transport], list[_Pending]]:
+        gate, listener = CommandGate("p", max_buffered=3, max_bytes=1000), Listener()
+        transports, pendings = [], []
+        for n in range(5):
+            handler = AckAfterCommit.__new__(AckAfterCommit)
+            handler._unacked, handler._pubacks, handler._writing = deque(), [], False
+            transport = Transport()
+            handler.writer = type("Adapter", (), {"_writer": type("W", (), {"transport": transport})()})()
+            pending = _Pending(handler, n + 1)
+            handler._unacked.append(pending)
+            transports.append(transport)
+            pendings.append(pending)
+            gate.offer(f"p/users/u/commands/c{n}", str(n).encode(), pending)
+        gate.offer("p/users/v/commands/big", b"x" * 1001, None)  # over the bytes: not kept either
+        assert gate.refused == 3
+        gate.attach(listener)
+        await asyncio.wait_for(listener.got.wait(), 1)
+        return listener, transports, pendings
+
+    listener, transports, pendings = asyncio.run(main())
+    assert listener.bursts == [["0", "1", "2"]]
+    assert [t.aborted for t in transports] == [0, 0, 0, 1, 1]
+    assert not any(p.acked for p in pendings)
