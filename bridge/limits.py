@@ -91,8 +91,11 @@ class CostBudget:
         self._lock = threading.Lock()
 
     def _refill(self, bucket: _Bucket, rate: float, cap: float, now_ms: int) -> None:
-        bucket.tokens = min(cap, bucket.tokens + max(0, now_ms - bucket.at_ms) / 1000 * rate)
-        bucket.at_ms = max(bucket.at_ms, now_ms)
+        if now_ms > bucket.at_ms:
+            bucket.tokens = min(cap, bucket.tokens + (now_ms - bucket.at_ms) / 1000 * rate)
+            bucket.at_ms = now_ms
+        elif bucket.tokens > cap:  # the same millisecond (a command's wait and charge): nothing to add
+            bucket.tokens = cap
 
     def _user(self, user_id: str, now_ms: int) -> tuple[_Bucket, _Bucket]:
         bucket = self._users.get(user_id)
@@ -107,8 +110,9 @@ class CostBudget:
             self._spent[user_id] = _Bucket(0.0, now_ms)
         self._refill(bucket, self.rate, self.burst, now_ms)
         spent = self._spent[user_id]
-        spent.tokens *= math.exp(-max(0, now_ms - spent.at_ms) / self.WINDOW_MS)
-        spent.at_ms = max(spent.at_ms, now_ms)
+        if now_ms > spent.at_ms:
+            spent.tokens *= math.exp((spent.at_ms - now_ms) / self.WINDOW_MS)
+            spent.at_ms = now_ms
         return bucket, spent
 
     def wait(self, user_id: str, now_ms: int) -> float:
