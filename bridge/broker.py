@@ -76,6 +76,7 @@ CONNECT_TIMEOUT = 10.0  # seconds from accepting a connection (TCP or WebSocket)
 MAX_PACKET = 131_072  # bytes of one MQTT packet from a client, as the shipped Mosquitto's max_packet_size
 WS_QUEUE = 4  # WebSocket messages a connection buffers before its reader takes them
 MAX_HASHING = 16  # password checks (PBKDF2) running or waiting at once; beyond, refused unchecked
+MAX_HASHING_PER_ADDRESS = 4  # of which from one address (IPv6: its /64): a crowd there leaves 12
 # Retained messages replayed to the new subscriptions of one account (without accounts: of one
 # address): bursts of REPLAY_BURST, then REPLAY_RATE a second; beyond, a subscription gets none. A
 # SUBSCRIBE to `#` with 5,000 presence topics retained is 5,000 publishes for the broker.
@@ -715,6 +716,8 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="passwords")
         self._hashing = 0  # password checks running or waiting for the hasher
         self.max_hashing = MAX_HASHING
+        self._hashing_from: dict[str, int] = {}  # the same per address
+        self.max_hashing_per_address = MAX_HASHING_PER_ADDRESS
         # retained messages replayed to one account's (or address's) new subscriptions
         self._replays = _Buckets(REPLAY_BURST, 1000 // REPLAY_RATE or 1, 100_000)
         self._bridge_secret = bridge_secret
@@ -910,16 +913,23 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
             if not quick:
                 self.failed_logins.failed(address, user, now)
             return quick
-        if self._hashing >= self.max_hashing:
+        key = address_key(address)
+        mine = self._hashing_from.get(key, 0)
+        if self._hashing >= self.max_hashing or mine >= self.max_hashing_per_address:
             raise Refused(
-                SERVER_UNAVAILABLE, f"{self._hashing} passwords are being checked: {user[:65]!r} not"
+                SERVER_UNAVAILABLE,
+                f"{self._hashing} passwords are being checked ({mine} from {address}): {user[:65]!r} not",
             )
         self.failed_logins.failed(address, user, now)
         self._hashing += 1
+        self._hashing_from[key] = mine + 1
         try:
             right = await asyncio.get_running_loop().run_in_executor(self._hasher, quick)
         finally:
             self._hashing -= 1
+            left = self._hashing_from.pop(key) - 1
+            if left:
+                self._hashing_from[key] = left
         if right:
             self.failed_logins.refund(address, user, _now_ms())
         return right
