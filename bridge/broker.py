@@ -30,7 +30,7 @@ import secrets
 import socket
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -49,10 +49,30 @@ from amqtt.adapters import (
 )
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerType
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.events import BrokerEvents
+from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
+from amqtt.events import BrokerEvents, MQTTEvents
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BasePlugin, BaseTopicPlugin
 from amqtt.session import INCOMING
@@ -261,9 +281,77 @@ class GuardedHandler(AckAfterCommit):
         super().__init__(*args, **kwargs)
         self._emitted: list[bytes] = []  # packets for a WebSocket connection, written under its lock
         self._emitting = False
+        self.last_packet = 0.0  # time.monotonic() of the last packet read
 
     def emit_locked(self, data: bytes) -> None:
         schedule_write(self, data)
+
+    async def _reader_loop(self) -> None:
+        """amqtt's reader loop (amqtt/mqtt/protocol/handler.py), leaner for the packets every event
+        brings: a PUBACK is handled where it is read instead of in a task of its own; a packet is read
+        without a timeout (amqtt's `wait_for` made a task per packet, and did nothing when it expired:
+        `KeepaliveWatchdog` closes silent connections, from `last_packet`); the per-packet plugin event
+        fires only when a plugin listens. Every other packet is handled as amqtt does, in a task."""
+        session = self.session
+        if session is None or self._reader_ready is None:
+            raise ProtocolHandlerError("the reader loop needs a session")
+        running: deque[asyncio.Task[None]] = deque()
+        handlers = {
+            SUBSCRIBE: self.handle_subscribe,
+            UNSUBSCRIBE: self.handle_unsubscribe,
+            PUBREC: self.handle_pubrec,
+            PUBREL: self.handle_pubrel,
+            PUBCOMP: self.handle_pubcomp,
+            PINGREQ: self.handle_pingreq,
+            PUBLISH: self.handle_publish,
+            DISCONNECT: self.handle_disconnect,
+            CONNACK: self.handle_connack,
+            SUBACK: self.handle_suback,
+            UNSUBACK: self.handle_unsuback,
+            PINGRESP: self.handle_pingresp,
+        }
+        callbacks = getattr(self.plugins_manager, "_event_plugin_callbacks", None)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self._reader_ready.set()
+                while running and running[0].done():
+                    running.popleft()
+                if self.reader is None:
+                    break
+                fixed_header = await MQTTFixedHeader.from_stream(self.reader)
+                if not fixed_header:
+                    break
+                self.last_packet = time.monotonic()
+                kind = fixed_header.packet_type
+                if kind in (RESERVED_0, RESERVED_15):
+                    await self.handle_connection_closed()
+                    continue
+                packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
+                if callbacks is None or MQTTEvents.PACKET_RECEIVED in callbacks:
+                    await self.plugins_manager.fire_event(
+                        MQTTEvents.PACKET_RECEIVED, packet=packet, session=session
+                    )
+                if kind == PUBACK:
+                    await self.handle_puback(packet)
+                elif kind == CONNECT:
+                    await self.handle_connect(packet)
+                elif kind in handlers:
+                    running.append(loop.create_task(handlers[kind](packet)))
+            except MQTTError:
+                log.debug("%s: a packet discarded", session.client_id)
+            except asyncio.CancelledError:
+                break
+            except NoDataError:
+                pass
+            except Exception as exc:
+                log.warning("%s: unhandled exception in the reader: %r", session.client_id, exc)
+                break
+        while running:
+            running.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
 
     async def _retry_deliveries(self) -> None:
         """amqtt's retries of its own messages in flight, and the session's events (bridge/delivery.py)
@@ -343,18 +431,10 @@ class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
-        self._last_packet: dict[str, float] = {}
-        # A connection is at least as old as the first time we saw its handler: that bounds a
-        # reconnecting client's stale timestamp from its previous connection.
+        # A connection is at least as old as the first time we saw its handler (one that has read no
+        # packet yet); each handler notes when it read its last packet (`GuardedHandler`).
         self._first_seen: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._task = asyncio.get_running_loop().create_task(self._watch())
-
-    async def on_mqtt_packet_received(self, *, packet: Any, session: Any = None) -> None:
-        if session is not None and session.client_id is not None:
-            self._last_packet[session.client_id] = time.monotonic()
-
-    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Any = None) -> None:
-        self._last_packet.pop(client_id, None)
 
     async def _watch(self) -> None:
         broker = self.context._broker_instance
@@ -367,7 +447,7 @@ class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
                 keepalive = session.keep_alive
                 if keepalive <= 0 or keepalive > self.config.max_keepalive:
                     keepalive = self.config.max_keepalive
-                since = max(self._last_packet.get(client_id, 0.0), self._first_seen.setdefault(handler, now))
+                since = max(getattr(handler, "last_packet", 0.0), self._first_seen.setdefault(handler, now))
                 if now - since > self.config.factor * keepalive:
                     log.info(
                         "client %s silent for %.1fs (keepalive %ss): closing it, its will fires",
@@ -376,7 +456,6 @@ class KeepaliveWatchdog(BasePlugin[Any]):  # type: ignore[misc]
                         keepalive,
                     )
                     self._first_seen.pop(handler, None)
-                    self._last_packet.pop(client_id, None)
                     await handler.handle_connection_closed()
 
     async def close(self) -> None:
