@@ -3,13 +3,14 @@ measurement than `bench/throughput.py --embedded`).
 
 Each round runs amqtt's raw relay (paho to paho through amqtt alone, in a process of its own, no
 topic rules), then `chat-bridge serve` with its embedded broker (SQLite in a temporary folder), for
-the same traffic shape as bench/throughput.py (U users in U/2 direct pairs, QoS 1, closed loop). With
-`--before DIR` (a checkout of another version of the project, e.g. `git worktree add /tmp/old main`)
-each round also runs that version's `chat-bridge serve`, interleaved, so before and after share the
-machine's load. Prints messages/s, the bridge's CPU per delivered message (process CPU time /
-messages, and per thread), the ratio to the raw relay, and `uptime` before and after.
+the same traffic shape as bench/throughput.py (U users in U/2 direct pairs, QoS 1, closed loop).
+With `--compare NAME=DIR` (a checkout of another version of the project, e.g. from `git archive`;
+may be given more than once) each round also runs that version's `chat-bridge serve`, interleaved
+(the order turned every round), so the versions share the machine's load. Prints messages/s, the
+bridge's CPU per delivered message (process CPU time / messages, and per thread), the ratio to the
+raw relay, and `uptime` before and after.
 
-    python bench/embedded.py [--messages 300] [--users 20] [--rounds 2] [--before DIR]
+    python bench/embedded.py [--messages 300] [--users 20] [--rounds 2] [--compare NAME=DIR ...]
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=300, help="per sender (default 300)")
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--before", type=Path, help="a checkout of the version to compare with")
+    parser.add_argument(
+        "--compare", action="append", default=[], metavar="NAME=DIR", help="another version's checkout"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="chat-embedded-"))
-    versions = [("after", ROOT)] + ([("before", args.before.resolve())] if args.before else [])
+    versions = [("this", ROOT)]
+    for spec in args.compare:
+        name, _, folder = spec.partition("=")
+        versions.append((name, Path(folder).resolve()))
     print(f"start: {uptime()}")
     rows: list[dict[str, Any]] = []
     for n in range(args.rounds):
