@@ -17,7 +17,10 @@ client that acknowledges QoS 1 deliveries and then publishes can wait up to
 40 ms on its own socket (measured here: it was most of the "slow-down" we once
 blamed on the bridge).
 
-    python bench/flood.py [--seconds 10] [--rate 20] [--flooders paho,c] [--json FILE]
+`--connections N` floods with the paho flooder over N connections of mallory's account (client ids
+`mallory:1`...), each reading her inbox, as an account at its connection cap would.
+
+    python bench/flood.py [--seconds 10] [--rate 20] [--flooders paho,c] [--connections 1] [--json FILE]
 
 Prints, per phase, bob's send -> answer latency (p50/p99/max ms), the publishes
 per second the broker received (from $SYS), the bridge's CPU, and how many of
