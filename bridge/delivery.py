@@ -235,7 +235,6 @@ class Fanout:
     def publish(self, topic: str, data: bytes, qos: int = 1) -> None:
         """Hands an event to every session that may read it (see the module docstring)."""
         raw = topic_bytes(topic)
-        sessions = self.broker._sessions
         for session, sub_qos in self.targets(topic):
             if not self.readable(session.username or None, topic):
                 continue
@@ -256,7 +255,7 @@ class Fanout:
                     if len(out.inflight) < self.window:
                         out.fill(self.window)
                     continue
-                self._overflow(session, sessions.get(session.client_id, (None, None))[1])
+                self._overflow(session)
             # no connection ready: kept for the session (one connecting, or persistent) up to a cap
             if not connected and session.clean_session:
                 continue  # the session ends: its client catches up from the history
@@ -271,18 +270,18 @@ class Fanout:
                 continue
             out.waiting.append(Delivery(topic, raw, data, q))
 
-    def _overflow(self, session: Any, handler: Any) -> None:
+    def _overflow(self, session: Any) -> None:
         """A connected client holds `max_queued` events it has not acknowledged: its connection is
         closed (as if it dropped; its will fires), and what more comes is kept as for an offline
         session."""
         out = outbox_of(session)
-        out.detach(out.handler)
-        if handler is None:
-            return
+        handler = out.handler
+        out.detach(handler)
         self.disconnected += 1
         if _LOG_LIMIT.due(f"overflow {session.client_id}", _now_ms()):
             log.warning(
-                "closing %s: %d events not acknowledged (its persistent session keeps them)",
+                "closing %s: %d events not acknowledged (a persistent session keeps them for its next "
+                "connection)",
                 session.client_id,
                 self.max_queued,
             )
