@@ -155,6 +155,7 @@ class ChatSession:
         self._failure: str | None = None
         self._connect_error: str | None = None
         self._closed = False
+        self._status: dict[str, Any] | None = None  # the last retained bridge status seen
         self._closing = threading.Event()  # wakes a catch-up waiting out a `rate-limited` answer
         self.session: Session | None = None
 
@@ -187,7 +188,7 @@ class ChatSession:
             reason = (
                 self._failure
                 or (self._connect_error if self.connections == 0 and self._connect_error else None)
-                or f"no answer to connect within {timeout:g} s"
+                or f"no answer to connect within {timeout:g} s ({self._no_answer_hint()})"
             )
             self.close(announce=False)
             raise ConnectionFailed(f"{self.user}@{self.options.host}:{self.options.port}: {reason}")
@@ -397,7 +398,20 @@ class ChatSession:
             else:
                 pending.future.set_result(event)
 
+    def _no_answer_hint(self) -> str:
+        if self.connections == 0:
+            return "the broker accepted no connection: is it running at that address?"
+        if self._status is None:
+            return (
+                f"no bridge status on {self.status_topic}: is chat-bridge running on this broker, "
+                f"with the topic prefix {self.options.prefix!r}?"
+            )
+        if self._status.get("status") != "online":
+            return f"the bridge is {self._status.get('status')!r} (its status on {self.status_topic})"
+        return f"the bridge (epoch {self._status.get('epoch')}) is online but did not answer: is it overloaded?"
+
     def _on_status(self, status: dict[str, Any]) -> None:
+        self._status = status
         self.deliver(Event("bridge-status", status))
         epoch = status.get("epoch")
         if status.get("status") != "online" or not isinstance(epoch, str) or epoch == self.epoch:

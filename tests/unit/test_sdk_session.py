@@ -272,8 +272,23 @@ def test_connect_fails_clearly_when_the_bridge_never_answers() -> None:
     bridge = FakeBridge()
     bridge.handle = lambda *a: None  # type: ignore[method-assign]
     client = Client("alice", _mqtt_factory=bridge.factory)
-    with pytest.raises(errors.ConnectionFailed, match="no answer to connect"):
+    with pytest.raises(errors.ConnectionFailed, match="no answer to connect") as failed:
         client.connect(timeout=0.2)
+    # what to check: nothing said a bridge is there, under this prefix
+    assert "no bridge status on chat/v1/bridge/status" in str(failed.value)
+    assert "topic prefix 'chat/v1'" in str(failed.value)
+
+
+def test_connect_failing_names_the_bridge_status_it_saw() -> None:
+    for status, says in (
+        ({"status": "offline"}, "the bridge is 'offline'"),
+        ({"status": "online", "epoch": "e7", "since": "x"}, "the bridge (epoch e7) is online but did not answer"),
+    ):
+        bridge = FakeBridge()
+        bridge.handle = lambda mqtt, command, fields, status=status: mqtt.deliver(STATUS, status)  # type: ignore
+        with pytest.raises(errors.ConnectionFailed, match="no answer to connect") as failed:
+            Client("alice", _mqtt_factory=bridge.factory).connect(timeout=0.2)
+        assert says in str(failed.value)
 
 
 def test_close_says_disconnect_with_the_session_id() -> None:
