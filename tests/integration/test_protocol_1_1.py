@@ -125,7 +125,9 @@ def sequence(port: int) -> None:
         assert not [e for e in bob.seen if e.get("request_id") == "t1"], "a successful typing is unanswered"
     finally:
         tap.stop()
-        alice.stop(clean=False)
+        alice.stop(clean=False)  # (this alice may be the one stopped above)
+        if (sock := alice.client.socket()) is not None:
+            sock.close()  # an open connection kept the embedded broker's shutdown waiting 5 s
         bob.stop()
 
 
