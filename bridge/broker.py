@@ -75,7 +75,7 @@ from amqtt.mqtt.packet import (
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BasePlugin, BaseTopicPlugin
-from amqtt.session import INCOMING
+from amqtt.session import INCOMING, OUTGOING
 from amqtt.utils import gen_client_id
 from websockets.exceptions import ConnectionClosed
 
@@ -380,6 +380,39 @@ class GuardedHandler(AckAfterCommit):
             if out is not None and out.acked(puback.variable_header.packet_id, fanout.window):
                 return
         await super().handle_puback(puback)
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        """amqtt's for a QoS 1 PUBLISH to the client, with the PUBACK's waiter in place before the
+        PUBLISH is written: the reader handles a PUBACK as it reads it, and a fast client's PUBACK,
+        read while amqtt still awaited the write, found no waiter (`unknown pending message`) and the
+        message waited out amqtt's 5 s and was dropped."""
+        session = self.session
+        packet_id = app_message.packet_id
+        if (
+            app_message.direction != OUTGOING
+            or app_message.qos != 1
+            or packet_id is None
+            or app_message.puback_packet
+            or session is None
+        ):
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        session.inflight_out.setdefault(packet_id, app_message)
+        retry = app_message.publish_packet is not None
+        publish_packet = app_message.build_publish_packet(dup=True) if retry else app_message.build_publish_packet()
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            await self._send_packet(publish_packet)
+            app_message.publish_packet = publish_packet
+            app_message.puback_packet = await asyncio.wait_for(waiter, timeout=5)
+        except asyncio.TimeoutError:
+            msg = f"Timeout waiting for PUBACK for packet ID {packet_id}"
+            self.logger.warning(msg)
+            raise TimeoutError(msg) from None
+        finally:
+            self._puback_waiters.pop(packet_id, None)
+            session.inflight_out.pop(packet_id, None)
 
     async def stop(self) -> None:
         session = self.session
@@ -755,6 +788,17 @@ class Refused(Exception):
         self.code = code
 
 
+class _Subscriptions(dict):  # type: ignore[type-arg]
+    """amqtt's subscriptions (topic filter -> [(session, qos)]), iterated over a snapshot of the
+    filters: amqtt loops over them with an await inside (the retained messages of a persistent
+    session's filters when it reconnects), and another connection ending meanwhile removed its
+    filters: `dictionary changed size during iteration` ended the reconnect half done, the
+    session taken for connected with no connection behind it."""
+
+    def __iter__(self) -> Any:
+        return iter(list(self.keys()))
+
+
 class EmbeddedBroker(Broker):  # type: ignore[misc]
     """amqtt's broker, with its connection handling made safe for accounts.
 
@@ -785,6 +829,7 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
         commands: CommandGate | None = None,
     ) -> None:
         super().__init__(config)
+        self._subscriptions = _Subscriptions()
         self.topics = topics
         self.commands = commands
         self.ws_origins = ws_origins
