@@ -572,7 +572,7 @@ def test_a_crowd_from_many_addresses_is_capped_in_all(tmp_path: Path) -> None:
             assert still_open(crowd, 3) <= 512
             assert broker.broker.pending.count() <= 512
             bob = Raw(broker.port, "bob:x", "bob", ACCOUNTS["bob"], source="127.0.0.2")
-            assert not bob.refused
+            assert not bob.refused, f"bob's login: {bob.rc} (None: no answer in 10 s)"
             bob.stop()
         finally:
             for conn in crowd:
