@@ -1261,6 +1261,61 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                 return
         await super()._broadcast_message(session, topic, data, force_qos)
 
+    async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
+        """amqtt's loop over a connection's subscribes, unsubscribes, publishes and its end, except
+        that what the client published before it left is routed first, all of it, and in order:
+        amqtt ended the loop at a DISCONNECT (or a dropped connection) with publishes it had
+        acknowledged still in the session's queue, and they were never delivered to anyone; and when
+        a publish and the end were ready together, it published the will first."""
+        waiters = {
+            "gone": asyncio.ensure_future(handler.wait_disconnect()),
+            "subscribe": asyncio.ensure_future(handler.get_next_pending_subscription()),
+            "unsubscribe": asyncio.ensure_future(handler.get_next_pending_unsubscription()),
+            "deliver": asyncio.ensure_future(handler.mqtt_deliver_next_message()),
+        }
+        try:
+            while True:
+                try:
+                    await asyncio.wait(waiters.values(), return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    break
+                if waiters["deliver"].done():
+                    if not await self._handle_message_delivery(client_session, handler, waiters["deliver"]):
+                        break
+                    waiters["deliver"] = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if waiters["subscribe"].done():
+                    await self._handle_subscription(client_session, handler, waiters["subscribe"])
+                    waiters["subscribe"] = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if waiters["unsubscribe"].done():
+                    await self._handle_unsubscription(client_session, handler, waiters["unsubscribe"])
+                    waiters["unsubscribe"] = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if waiters["gone"].done():
+                    deliver = waiters["deliver"]
+                    if deliver.done() and not deliver.cancelled():  # taken meanwhile: it goes first
+                        if not await self._handle_message_delivery(client_session, handler, deliver):
+                            break
+                    deliver.cancel()
+                    if not await self._deliver_the_rest(client_session, handler):
+                        break
+                    await self._handle_disconnect(client_session, handler, waiters["gone"])
+                    break
+        finally:
+            for waiter in waiters.values():
+                waiter.cancel()
+            await asyncio.gather(*waiters.values(), return_exceptions=True)
+
+    async def _deliver_the_rest(self, client_session: Any, handler: Any) -> bool:
+        """Routes the publishes still queued from a client that has gone (see `_client_message_loop`);
+        False where one of them ends the connection (an invalid topic), as amqtt does."""
+        queue = client_session.delivered_message_queue
+        loop = asyncio.get_running_loop()
+        while not queue.empty():
+            message = loop.create_future()
+            message.set_result(queue.get_nowait())
+            if not await self._handle_message_delivery(client_session, handler, message):
+                return False
+        return True
+
     async def _handle_disconnect(self, client_session: Any, handler: Any, disconnect_waiter: Any) -> None:
         """As amqtt's, but a will is published only where its user may publish."""
         result = disconnect_waiter.result()
