@@ -1291,12 +1291,11 @@ class EmbeddedBroker(Broker):  # type: ignore[misc]
                     waiters["unsubscribe"] = asyncio.ensure_future(handler.get_next_pending_unsubscription())
                 if waiters["gone"].done():
                     deliver = waiters["deliver"]
-                    if deliver.done() and not deliver.cancelled():  # taken meanwhile: it goes first
-                        if not await self._handle_message_delivery(client_session, handler, deliver):
-                            break
+                    taken = deliver.done() and not deliver.cancelled()  # taken meanwhile: it goes first
                     deliver.cancel()
-                    if not await self._deliver_the_rest(client_session, handler):
-                        break
+                    if not taken or await self._handle_message_delivery(client_session, handler, deliver):
+                        await self._deliver_the_rest(client_session, handler)
+                    # the end is handled even after an invalid publish: the session ends, the will fires
                     await self._handle_disconnect(client_session, handler, waiters["gone"])
                     break
         finally:
