@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ROOT, free_port, wait_for_line
 
+from chat_bridge._paho import OrderedClient
+
 
 def acknowledged(info: paho.MQTTMessageInfo) -> bool:
     """Whether the broker acknowledged a QoS 1 publish.
@@ -67,7 +69,7 @@ class Client:
     answered: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
-        self.mqtt = paho.Client(
+        self.mqtt = OrderedClient(
             CallbackAPIVersion.VERSION2, client_id=f"chaos-{self.user}", clean_session=False
         )
         self.mqtt.max_queued_messages_set(0)

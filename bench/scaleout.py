@@ -53,6 +53,7 @@ from harness import ROOT, percentile, proc_stats, start_mosquitto, wait_for_line
 from natscluster import NatsCluster  # noqa: E402
 
 from bridge import natsconf  # noqa: E402
+from chat_bridge._paho import OrderedClient  # noqa: E402
 
 PG_ADMIN = os.environ.get("CHAT_BRIDGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 BRIDGE_PW = "bridge-pw"
@@ -238,7 +239,7 @@ def pg(database_url: str) -> Any:
 def mqtt_client(
     cid: str, port: int, user: str | None, on_message: Any = None, clean: bool = True
 ) -> paho.Client:
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=clean, protocol=paho.MQTTv311)
+    c = OrderedClient(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=clean, protocol=paho.MQTTv311)
     if user is not None:
         c.username_pw_set(user, USER_PW)
     if on_message is not None:

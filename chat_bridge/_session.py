@@ -25,6 +25,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from . import _commands as commands
+from ._paho import OrderedClient
 from .errors import ChatBridgeError, ConnectionFailed, InternalError, RateLimited, RequestTimeout, error_from
 from .types import Conversation, Event, Message, Session
 
@@ -78,12 +79,12 @@ class Mqtt(Protocol):
 def paho_client(client_id: str, clean_session: bool, transport: str = "tcp") -> Mqtt:
     return cast(
         Mqtt,
-        paho.Client(
+        OrderedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=clean_session,
             protocol=paho.MQTTv311,
-            transport=transport,  # type: ignore[arg-type]
+            transport=transport,
         ),
     )
 

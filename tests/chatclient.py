@@ -13,6 +13,8 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from chat_bridge._paho import OrderedClient
+
 Event = dict[str, Any]
 
 
@@ -40,7 +42,7 @@ class ChatClient:
         self._retained_changed = threading.Condition()
         self._subscribed = threading.Event()
         self._counter = 0
-        self.client = paho.Client(
+        self.client = OrderedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id or f"{user}:{self.session_id}",
             clean_session=clean_session,
