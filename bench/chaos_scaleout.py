@@ -258,6 +258,7 @@ def run(
     rate: float = 5.0,
     seconds: float = 40.0,
     schedule: list[tuple[float, str]] | None = None,
+    kill_node: str = "n1",
     log: Any = print,
 ) -> dict[str, Any]:
     names = [f"u{i}" for i in range(users - users % 2)]
@@ -340,9 +341,10 @@ def run(
                         f"{took:.1f}s; SIGCONT: it logged {line.split(': ', 1)[1].strip()!r}"
                     )
                 elif what == "node":
-                    killed_node = 0
-                    name = stack.cluster.nodes[killed_node].name
-                    led = [st for st, leader in stream_leaders(stack.cluster).items() if leader == name]
+                    leaders = stream_leaders(stack.cluster)
+                    name = leaders.get(kill_node) or kill_node  # a node, or the node leading a stream
+                    killed_node = next(i for i, n in enumerate(stack.cluster.nodes) if n.name == name)
+                    led = [st for st, leader in leaders.items() if leader == name]
                     stack.cluster.nodes[killed_node].kill()
                     node_kill_at = time.time()
                     events.append(
@@ -511,6 +513,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40, help="how long the load lasts")
     parser.add_argument("--lease", type=float, default=4)
     parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument(
+        "--kill-node",
+        default="n1",
+        help="the NATS node to kill (n1, n2, n3), or the one leading a stream, e.g. '$MQTT_msgs' "
+        "(the command log: the worst case)",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     result = run(
@@ -521,6 +529,7 @@ def main() -> None:
         lease=args.lease,
         rate=args.rate,
         seconds=args.seconds,
+        kill_node=args.kill_node,
     )
     for key, value in result.items():
         print(f"{key:32} {value}")
