@@ -15,6 +15,7 @@ was alive when one started, so clients re-announce after a cluster restart, not 
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table
 from sqlalchemy.engine import Engine
+
+log = logging.getLogger(__name__)
 
 LEADER = -1
 
@@ -209,7 +212,13 @@ class Leases:
             return {int(p): int(e) for p, e in cur.fetchall()}
 
     def acquire(self, partition: int) -> Lease | None:
-        """Takes a partition whose lease is free or expired, with a new epoch; None if it is held."""
+        """Takes a partition whose lease is free or expired, with a new epoch; None if it is held.
+
+        On PostgreSQL, the database sessions of a worker whose lease expired are ended first: a
+        worker paused in the middle of a statement holds its row locks (the lease row among them)
+        until then, and fencing makes sure that it commits nothing once it runs again."""
+        if self.dialect == "postgresql":
+            self._end_sessions_of_expired(partition)
         with self._tx() as cur:
             lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
             cur.execute(
@@ -233,6 +242,36 @@ class Leases:
             epoch, applied = cur.fetchone()
             expired = previous if previous and previous != self.worker_id else None
             return Lease(partition, int(epoch), int(applied), expired)
+
+    def _end_sessions_of_expired(self, partition: int) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT owner FROM partition_leases "
+                    "WHERE partition = :? AND owner IS NOT NULL AND owner <> :? AND expires_ms < NOW_MS"
+                ),
+                (partition, self.worker_id),
+            )
+            row = cur.fetchone()
+        if row is None or not self.worker_id:
+            return
+        owner = str(row[0])
+        try:
+            with self._tx() as cur:
+                cur.execute(
+                    self._sql(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND application_name = :? "
+                        "AND pid <> pg_backend_pid()"
+                    ),
+                    (session_name(owner),),
+                )
+                ended = int(cur.fetchone()[0])
+        except Exception as exc:  # not allowed to (another role): the lock and idle timeouts remain
+            log.warning("cannot end the database sessions of %s, whose lease expired: %s", owner, exc)
+            return
+        if ended:
+            log.warning("ended %d database session(s) of %s, whose lease expired", ended, owner)
 
     def renew(self, leases: list[Lease]) -> set[int]:
         """Extends these leases; returns the partitions that are no longer ours."""
@@ -287,6 +326,11 @@ class Leases:
         )
         if cursor.rowcount != 1:
             raise Fenced(f"partition {lease.partition}: lease epoch {lease.epoch} is no longer ours")
+
+
+def session_name(worker_id: str) -> str:
+    """The `application_name` of a worker's database sessions."""
+    return f"chat-bridge {worker_id}"
 
 
 def new_worker_id() -> str:

@@ -50,7 +50,7 @@ from prometheus_client import Counter, Gauge
 
 from . import protocol as p
 from .config import BrokerAddress, ConfigError, Settings, parse_listen
-from .leases import LEADER, Fenced, Lease, Leases, new_worker_id
+from .leases import LEADER, Fenced, Lease, Leases, new_worker_id, session_name
 from .metrics import PREFIX, Health, Metrics, Probe, Summary, database_probe
 from .model import OutboxEntry
 from .natsconf import BRIDGE_ACCOUNT, Subjects, partition_of
@@ -897,15 +897,18 @@ class Worker:
             await self._forget(housekeeping)
 
 
-def _bound_waits(engine: Any, *, idle_ms: int, lock_ms: int) -> None:
+def _bound_waits(engine: Any, *, worker_id: str, idle_ms: int, lock_ms: int) -> None:
     """A worker paused inside a transaction (SIGSTOP, a long GC, a VM migration) would keep its row
     locks, and so stop every worker that writes the same conversation: PostgreSQL ends such a
-    session after a third of the lease, and no statement waits more than half a lease for a lock."""
+    session after a third of the lease, and no statement waits more than half a lease for a lock.
+    A session paused in the middle of a statement is not idle: each carries the worker's id as its
+    `application_name`, and the worker that takes over an expired lease ends them (`Leases`)."""
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
     def _set(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
+        cur.execute(f"SET application_name = '{session_name(worker_id)}'")
         cur.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
         cur.execute(f"SET lock_timeout = {lock_ms}")
         dbapi_conn.commit()
@@ -941,7 +944,7 @@ def broker_addresses(url: str) -> list[BrokerAddress]:
 
 
 def build(
-    settings: Settings, metrics: Metrics | None = None
+    settings: Settings, metrics: Metrics | None = None, worker_id: str = ""
 ) -> tuple[Callable[[], Any], Any, Callable[..., Service]]:
     """The storage and the service factory of a worker (PostgreSQL in production)."""
     from .cli import make_service
@@ -950,7 +953,12 @@ def build(
 
     engine = make_engine(settings.database_url)
     if engine.dialect.name == "postgresql":
-        _bound_waits(engine, idle_ms=int(settings.lease * 1000 / 3), lock_ms=int(settings.lease * 1000 / 2))
+        _bound_waits(
+            engine,
+            worker_id=worker_id,
+            idle_ms=int(settings.lease * 1000 / 3),
+            lock_ms=int(settings.lease * 1000 / 2),
+        )
     with _one_at_a_time(engine):  # workers starting together must not migrate at once
         init_db(engine, wall_clock_ms())
         Leases(engine, "").ensure(settings.partitions)
@@ -984,7 +992,7 @@ async def serve_worker(settings: Settings, is_transient: Callable[[BaseException
     try:
         if http:
             http.start()  # 503 "starting" until the worker has joined
-        uow_factory, engine, service_factory = build(settings, metrics)
+        uow_factory, engine, service_factory = build(settings, metrics, worker_id)
         worker = Worker(
             settings,
             uow_factory,
