@@ -1,6 +1,6 @@
-"""A short pass of bench/chaos_scaleout.py: one NATS node, workers over PostgreSQL, users chatting
+"""Short passes of bench/chaos_scaleout.py. One NATS node, workers over PostgreSQL, users chatting
 while the housekeeping leader is SIGKILLed (a new worker starts) and another worker is paused past
-its lease and resumed; afterwards nothing acknowledged is lost, nothing applied twice, `seq` is
+its lease and resumed; and three NATS nodes, the one leading the command log SIGKILLed. Afterwards nothing acknowledged is lost, nothing applied twice, `seq` is
 gapless, each user's messages are in send order and the wills come after their users' commands.
 And the chaos run's clients: one that loses its connection while a node is dead ends up on a live
 node."""
@@ -91,3 +91,30 @@ def test_scaleout_chaos_keeps_every_acknowledged_command_once_and_in_order(postg
     assert result["wills"] == 3
     assert result["wills_not_applied"] == result["wills_before_earlier_commands"] == 0
     assert len(result["takeover_s"]) == 2  # the killed worker's and the paused worker's partitions
+
+
+@pytest.mark.postgres
+def test_scaleout_chaos_on_three_nodes_survives_the_command_logs_leader_being_killed(
+    postgres_url: str,
+) -> None:
+    # the NATS node leading `$MQTT_msgs` (the command log) is SIGKILLed under load: its clients move
+    # to the other nodes and publish again what was not acknowledged; a worker on it moves too
+    from chaos_scaleout import run
+
+    result = run(
+        users=8,
+        nodes=3,
+        workers=2,
+        partitions=8,
+        lease=3,
+        rate=5,
+        seconds=16,
+        schedule=[(4, "node")],
+        kill_node="$MQTT_msgs",
+    )
+    print(result)
+    assert result["sent"] == result["acknowledged"] == result["applied"] > 0
+    assert result["lost_acknowledged"] == 0
+    assert result["applied_twice"] == 0
+    assert result["seq_gaps"] == 0
+    assert result["order_violations"] == 0
