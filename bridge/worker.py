@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import nats
 import orjson
@@ -497,6 +497,7 @@ class Worker:
             try:
                 self.nc = await nats.connect(
                     servers=servers,
+                    **nats_credentials(servers),
                     name=f"chat-bridge:{self.worker_id}",
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=1,
@@ -926,6 +927,17 @@ def _one_at_a_time(engine: Any) -> Any:
             yield
         finally:
             conn.exec_driver_sql("SELECT pg_advisory_unlock(72616)")
+
+
+def nats_credentials(servers: list[str]) -> dict[str, str]:
+    """The user and password of the first `--nats-url` that has them, for every server: nats-py
+    takes a URL's credentials for that URL only, and tried the servers it learns from the cluster
+    (the other nodes) without any, which they refused."""
+    for server in servers:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        if parts.username:
+            return {"user": unquote(parts.username), "password": unquote(parts.password or "")}
+    return {}
 
 
 def broker_addresses(url: str) -> list[BrokerAddress]:

@@ -105,3 +105,13 @@ def test_the_leader_lease_is_a_partition_of_its_own(engine) -> None:  # type: ig
     a = Leases(engine, "a")
     assert a.acquire(LEADER) is not None
     assert Leases(engine, "b").acquire(LEADER) is None
+
+
+def test_a_workers_nats_credentials_go_to_every_server_it_learns_of() -> None:
+    from bridge.worker import nats_credentials
+
+    assert nats_credentials(["nats://127.0.0.1:4222", "nats://chat-bridge:p%40ss@127.0.0.1:4223"]) == {
+        "user": "chat-bridge",
+        "password": "p@ss",
+    }
+    assert nats_credentials(["127.0.0.1:4222"]) == {}
