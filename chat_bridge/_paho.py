@@ -31,6 +31,11 @@ class OrderedClient(paho.Client):
         super().__init__(*args, **kwargs)
         self._reconnecting = False  # a CONNACK is being handled: earlier publishes go out first
 
+    def move_to(self, host: str, port: int) -> None:
+        """The broker of the next connection attempt (paho's own setters refuse while a connection
+        is being torn down, which is when a client moves on)."""
+        self._host, self._port = host, port
+
     def publish(
         self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False, properties: Any = None
     ) -> paho.MQTTMessageInfo:

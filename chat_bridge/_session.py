@@ -67,6 +67,7 @@ class Mqtt(Protocol):
     def username_pw_set(self, username: str | None, password: str | None = ...) -> None: ...
     def tls_set_context(self, context: ssl.SSLContext | None = ...) -> None: ...
     def ws_set_options(self, path: str = ...) -> None: ...
+    def move_to(self, host: str, port: int) -> None: ...
     def reconnect_delay_set(self, min_delay: int = ..., max_delay: int = ...) -> None: ...
     def connect_async(self, host: str, port: int = ..., keepalive: int = ...) -> Any: ...
     def loop_start(self) -> Any: ...
@@ -112,6 +113,17 @@ class Options:
     catch_up: bool = True
     transport: str = "tcp"  # or "websockets": MQTT over WebSockets at ws_path (subprotocol mqtt)
     ws_path: str = "/mqtt"
+    # "host:port" of other brokers of the same cluster (a NATS cluster's other MQTT listeners): when
+    # a connection attempt fails or the connection is lost, the next one is tried, in turn
+    fallbacks: tuple[str, ...] = ()
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`) -> (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a broker address is host:port, not {text!r}")
+    return host.strip("[]"), int(port)
 
 
 class _Pending:
@@ -135,6 +147,8 @@ class ChatSession:
             raise ValueError(f"transport is 'tcp' or 'websockets', not {options.transport!r}")
         self.user = user
         self.options = options
+        self.addresses = [(options.host, options.port), *(parse_address(a) for a in options.fallbacks)]
+        self._at = 0  # the address connected to, or tried next
         self.client_id = client_id_for(user, options.device)
         self._deliver = deliver
         base = f"{options.prefix}/users/{user}"
@@ -192,7 +206,8 @@ class ChatSession:
                 or f"no answer to connect within {timeout:g} s ({self._no_answer_hint()})"
             )
             self.close(announce=False)
-            raise ConnectionFailed(f"{self.user}@{self.options.host}:{self.options.port}: {reason}")
+            tried = ", ".join(f"{h}:{p}" for h, p in self.addresses)
+            raise ConnectionFailed(f"{self.user}@{tried}: {reason}")
         return self.session
 
     def close(self, announce: bool = True) -> None:
@@ -279,11 +294,22 @@ class ChatSession:
 
     def _on_connect_fail(self, *_: Any) -> None:
         self._connect_error = "the broker cannot be reached (connection failed)"
+        self._next_address()
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any = None, _props: Any = None) -> None:
         self._ready.clear()
         if not self._closed:  # paho reconnects by itself; tell the application meanwhile
+            self._next_address()
             self.deliver(Event("connection-lost", {"reason": str(reason)}))
+
+    def _next_address(self) -> None:
+        """The next reconnection goes to the next broker of the cluster (this one may be gone)."""
+        if len(self.addresses) < 2:
+            return
+        self._at = (self._at + 1) % len(self.addresses)
+        host, port = self.addresses[self._at]
+        log.info("%s: connecting to %s:%d next", self.client_id, host, port)
+        self.mqtt.move_to(host, port)
 
     def _on_subscribe(self, _c: Any, _u: Any, _mid: Any, reasons: Any = (), _props: Any = None) -> None:
         if any(getattr(r, "is_failure", False) for r in reasons or ()):
@@ -409,7 +435,9 @@ class ChatSession:
             )
         if self._status.get("status") != "online":
             return f"the bridge is {self._status.get('status')!r} (its status on {self.status_topic})"
-        return f"the bridge (epoch {self._status.get('epoch')}) is online but did not answer: is it overloaded?"
+        return (
+            f"the bridge (epoch {self._status.get('epoch')}) is online but did not answer: is it overloaded?"
+        )
 
     def _on_status(self, status: dict[str, Any]) -> None:
         self._status = status
@@ -511,7 +539,9 @@ class ChatSession:
                 return self._wait(call)
             except RateLimited as exc:
                 pause = min(max(exc.retry_after, 0.05), CATCH_UP_LONGEST_WAIT)
-                log.info("%s: catch-up page refused (rate-limited); asking again in %.1f s", self.client_id, pause)
+                log.info(
+                    "%s: catch-up page refused (rate-limited); asking again in %.1f s", self.client_id, pause
+                )
             except InternalError:
                 failures += 1
                 if failures > CATCH_UP_INTERNAL_RETRIES:

@@ -11,7 +11,7 @@ import asyncio
 import inspect
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -59,6 +59,7 @@ class AsyncClient:
         catch_up: bool = True,
         transport: str = "tcp",
         ws_path: str = "/mqtt",
+        fallbacks: Sequence[str] = (),
         _mqtt_factory: Callable[..., Mqtt] = paho_client,
     ) -> None:
         options = Options(
@@ -75,6 +76,7 @@ class AsyncClient:
             catch_up,
             transport,
             ws_path,
+            tuple(fallbacks),
         )
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()

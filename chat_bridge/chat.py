@@ -71,6 +71,14 @@ def add_chat_command(sub: Any) -> None:
         default=env("CHAT_BRIDGE_PASSWORD"),
         help="where the broker has accounts [env CHAT_BRIDGE_PASSWORD]",
     )
+    chat.add_argument(
+        "--fallback",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="another broker of the same cluster (a NATS cluster's other MQTT listeners), tried in turn "
+        "when the connection fails or is lost; may be given more than once",
+    )
     chat.add_argument("--tls", action="store_true", help="connect with TLS (system CAs unless --ca-file)")
     chat.add_argument("--ca-file", help="a CA certificate file for TLS")
     chat.add_argument("--device", help="a device name: a persistent session (alice:DEVICE) that keeps events")
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
             prefix=args.topic_prefix,
             display_name=args.display_name,
+            fallbacks=args.fallback,
         )
     except ValueError as exc:
         print(f"chat-bridge chat: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -73,6 +73,7 @@ class Client:
         catch_up: bool = True,
         transport: str = "tcp",
         ws_path: str = "/mqtt",
+        fallbacks: Sequence[str] = (),
         _mqtt_factory: Callable[..., Mqtt] = paho_client,
     ) -> None:
         options = Options(
@@ -89,6 +90,7 @@ class Client:
             catch_up,
             transport,
             ws_path,
+            tuple(fallbacks),
         )
         self._handlers: list[tuple[str | None, Handler]] = []
         self._dispatch: queue.SimpleQueue[Event | None] = queue.SimpleQueue()

@@ -68,6 +68,9 @@ class FakeMqtt:
     def connect_async(self, host: str, port: int = 1883, keepalive: int = 60) -> None:
         self.address = (host, port, keepalive)
 
+    def move_to(self, host: str, port: int) -> None:
+        self.address = (host, port, self.address[2])
+
     def loop_start(self) -> None:
         if self.bridge.broker_up:
             self.reconnect()

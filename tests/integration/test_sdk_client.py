@@ -278,3 +278,28 @@ def test_catch_up_by_since_rev_sees_edits_deletions_and_reactions(mosquitto: Mos
         assert alice.cursors[cid].rev == 8 and alice.cursors[cid].seq == 5
         alice.close()
     proxy.close()
+
+
+def test_a_client_moves_to_the_next_broker_of_its_cluster(embedded_bridge: int) -> None:
+    # the node it is on dies (a proxy cut for good) and, at first, the first address answers nothing
+    node = Proxy("127.0.0.1", embedded_bridge)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nothing = s.getsockname()[1]  # (bound, not listening: connections are refused)
+        also = [f"127.0.0.1:{embedded_bridge}"]
+        with Client("bob", port=embedded_bridge) as bob:
+            with Client("carol", port=nothing, fallbacks=also, timeout=20) as carol:
+                assert carol.session_id
+            alice = Client("alice", port=node.port, fallbacks=also)
+            alice.connect()
+            conv = alice.create_direct("bob")
+            alice.send_message(conv["conversation_id"], "before", client_msg_id="m1")
+            assert bob.wait_for("message-added").message["body"] == "before"
+            node.close()  # gone: alice's library tries the next address
+            alice.wait_for("connection-lost")
+            alice.wait_for("connected", timeout=20)
+            alice.send_message(conv["conversation_id"], "after", client_msg_id="m2", timeout=20)
+            assert bob.wait_for("message-added", lambda e: e.message["body"] == "after").message
+            alice.close()
+    with pytest.raises(ValueError, match="host:port"):
+        Client("alice", fallbacks=["no-port"])
