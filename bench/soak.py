@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="chat-soak-"))
     broker, port = start_mosquitto(workdir)
-    bridge = start_bridge(port, f"sqlite:///{workdir}/soak.sqlite3", "--rate-limit", "0")
+    bridge = start_bridge(port, f"sqlite:///{workdir}/soak.sqlite3", "--rate-limit", "0", "--cost-limit", "0")
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
 

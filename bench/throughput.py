@@ -260,6 +260,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
     head += f" {'max ms':>8} {'CPU %':>6} {'RSS MB':>7} {'CPU us/msg':>10}"
     lines = [head]
+    short = [r for r in rows if r.get("expected") and r["delivered"] < r["expected"]]
     for r in rows:
         cells = [r["mode"], r["offered_rate"], r["delivered"], r["msgs_per_s"], r["events_per_s"]]
         cells += [r["p50_ms"], r["p99_ms"], r["max_ms"], r["bridge_cpu_percent"], r["bridge_rss_mb"]]
@@ -269,6 +270,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                 *cells
             )
         )
+    lines += [
+        f"  {r['mode']} at {r['offered_rate']}: {r['expected'] - r['delivered']} of {r['expected']} messages "
+        "never arrived (refused, or lost): its figures count only those that did"
+        for r in short
+    ]
     return "\n".join(lines)
 
 
@@ -429,7 +435,7 @@ def main() -> None:
     library = args.client or "mqttc"
     load_before = load_average()
     # no HTTP server: its default port may be taken by another bridge on the machine
-    options = ("--rate-limit", "0", "--http-listen", "off")
+    options = ("--rate-limit", "0", "--cost-limit", "0", "--http-listen", "off")
     options += ("--mqtt-client", args.client) if args.client else ()
     amqtt = None
     if args.embedded:
