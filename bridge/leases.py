@@ -45,6 +45,12 @@ workers = Table(
     Column("worker_id", String(128), primary_key=True),
     Column("expires_ms", BigInteger, nullable=False),
 )
+command_logs = Table(  # the command log the partitions' applied_seq count in
+    "command_logs",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created", String(64), nullable=False),
+)
 cluster_state = Table(
     "cluster_state",
     metadata,
@@ -242,6 +248,41 @@ class Leases:
             epoch, applied = cur.fetchone()
             expired = previous if previous and previous != self.worker_id else None
             return Lease(partition, int(epoch), int(applied), expired)
+
+    def adopt_log(self, name: str, created: str, last_seq: int) -> int | None:
+        """Records the command log (a stream and its creation time) that `applied_seq` counts in.
+
+        If the database counted in another one, every partition's `applied_seq` goes back to 0 and
+        the highest one before is returned. Another one means that the recorded stream was created at
+        another time, or, with none recorded yet, that a partition was applied past this stream's
+        last sequence. Otherwise the result is None. Without this, a new NATS cluster (or one whose
+        JetStream data was removed) under a database used before had its new commands taken for
+        redeliveries of ones already applied, and skipped.
+        """
+        with self._tx() as cur:
+            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+            # one worker at a time: the housekeeping lease's row always exists
+            cur.execute(
+                self._sql("SELECT owner FROM partition_leases WHERE partition = :?" + lock), (LEADER,)
+            )
+            cur.execute(self._sql("SELECT created FROM command_logs WHERE name = :?"), (name,))
+            row = cur.fetchone()
+            if row is not None and row[0] == created:
+                return None
+            cur.execute("SELECT COALESCE(MAX(applied_seq), 0) FROM partition_leases")
+            highest = int(cur.fetchone()[0])
+            if row is None:
+                cur.execute(
+                    self._sql("INSERT INTO command_logs (name, created) VALUES (:?, :?)"), (name, created)
+                )
+            else:
+                cur.execute(
+                    self._sql("UPDATE command_logs SET created = :? WHERE name = :?"), (created, name)
+                )
+            if (row is None and highest <= last_seq) or highest == 0:
+                return None
+            cur.execute("UPDATE partition_leases SET applied_seq = 0")
+            return highest
 
     def _end_sessions_of_expired(self, partition: int) -> None:
         with self._tx() as cur:

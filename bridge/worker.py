@@ -337,6 +337,7 @@ class Worker:
         self._lease_db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="worker-leases")
         self._held: dict[int, _Partition] = {}
         self._taking: dict[int, Lease] = {}  # acquired, consumer being created
+        self._new_log = False  # the command log is not the one the database counted in (adopt_log)
         self._leader: Lease | None = None
         self._leader_tasks: list[asyncio.Task[None]] = []
         self._status: RetainedPublisher | None = None
@@ -546,25 +547,46 @@ class Worker:
                     return
 
     async def _add_missing_consumers(self) -> None:
-        await self.js.stream_info(STREAM)
+        info = await self.js.stream_info(STREAM)
+        if not self._new_log:
+            created = info.created.isoformat() if info.created else ""
+            adopt = partial(self.leases.adopt_log, STREAM, created, int(info.state.last_seq))
+            highest = await self._retrying(adopt, lease=True)
+            if highest is not None:
+                log.warning(
+                    "the command log %s (created %s, last sequence %d) is not the one this database "
+                    "applied commands from (up to sequence %d): every partition starts again from "
+                    "the log's beginning",
+                    STREAM,
+                    created,
+                    info.state.last_seq,
+                    highest,
+                )
+                self._new_log = True
         # A partition no worker ever held (epoch 0) gets its first consumer here (creating it again
         # with the same configuration changes nothing); a held one has its owner's, and a new owner
         # creates the next before it deletes that one. Not found by listing the stream's consumers:
         # a list stops at 256 (every MQTT subscription has a consumer there too) and, with a node
         # down, leaves out those whose leader was on it.
         epochs = await self._retrying(self.leases.epochs, lease=True)
-        fresh = [q for q, e in sorted(epochs.items()) if e == 0]
-        await asyncio.gather(*(self._add_consumer(q, 0, 0) for q in fresh))
+        # in a new log, the consumers of the partitions held before are missing too
+        fresh = [q for q, e in sorted(epochs.items()) if e == 0 or self._new_log]
+        added = await asyncio.gather(
+            *(self._add_consumer(q, epochs[q], 0) for q in fresh), return_exceptions=self._new_log
+        )
+        for q, result in zip(fresh, added, strict=True):
+            if isinstance(result, BaseException):  # (one of the same name exists: its owner's)
+                log.info("partition %d: consumer of epoch %d not created (%r)", q, epochs[q], result)
         # A partition taken meanwhile: its owner may have deleted the consumer of epoch 0 just before
         # it was created again here, and that one would keep the partition's messages for ever. Once
         # the owner's own consumer exists, it goes (never before: a partition without a consumer
         # loses what is published to it).
         now = await self._retrying(self.leases.epochs, lease=True)
         for q in fresh:
-            if now.get(q, 0) > 0:
+            if now.get(q, 0) > epochs[q]:
                 with contextlib.suppress(Exception):
                     await self.js.consumer_info(STREAM, consumer_name(q, now[q]))
-                    await self.js.delete_consumer(STREAM, consumer_name(q, 0))
+                    await self.js.delete_consumer(STREAM, consumer_name(q, epochs[q]))
         await self.js.add_consumer(
             STREAM,
             ConsumerConfig(

@@ -287,6 +287,36 @@ def test_two_workers_share_the_partitions_and_chat_works(cluster1: NatsCluster, 
             w.stop()
 
 
+def test_a_database_used_with_an_earlier_nats_cluster_applies_the_new_clusters_commands(
+    cluster1: NatsCluster, pg_url: str
+) -> None:
+    # the database of an earlier cluster, whose JetStream data is gone: every partition was applied
+    # far past the sequences of this cluster's new command log
+    from sqlalchemy import create_engine
+
+    from bridge.leases import Leases
+
+    engine = create_engine(pg_url)
+    Leases(engine, "earlier").ensure(PARTITIONS)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE partition_leases SET applied_seq = 5000, epoch = 3")
+    engine.dispose()
+    first = client(cluster1, "u0")
+    worker = WorkerProc(cluster1, pg_url)
+    try:
+        first.wait_retained("chat/v1/bridge/status", lambda v: v.get("status") == "online", 60)
+        bob = client(cluster1, "u1", 0)
+        first.connect_chat()  # (not answered at all before: taken for a redelivery and skipped)
+        bob.connect_chat()
+        conv = first.request("create-conversation", kind="direct", participants=["u1"], timeout=30)
+        cid = conv["data"]["conversation"]["conversation_id"]
+        first.send("send-message", conversation_id=cid, body="hello again")
+        assert bob.next_of("message-added", 30)["data"]["message"]["body"] == "hello again"
+        assert "is not the one this database applied commands from (up to sequence 5000)" in worker.text()
+    finally:
+        worker.stop()
+
+
 def test_sigkill_a_worker_loses_nothing_and_applies_nothing_twice(cluster1: NatsCluster, pg_url: str) -> None:
     probe = client(cluster1, "u0")
     workers = [WorkerProc(cluster1, pg_url) for _ in range(2)]

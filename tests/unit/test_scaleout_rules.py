@@ -115,3 +115,28 @@ def test_a_workers_nats_credentials_go_to_every_server_it_learns_of() -> None:
         "password": "p@ss",
     }
     assert nats_credentials(["127.0.0.1:4222"]) == {}
+
+
+def test_a_new_command_log_starts_every_partition_again(engine) -> None:  # type: ignore[no-untyped-def]
+    leases = Leases(engine, "w1")
+    # a database from before the record: applied within this log's sequences, so the same log
+    lease = leases.acquire(0)
+    assert lease is not None
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE partition_leases SET applied_seq = 40 WHERE partition = 0")
+    assert leases.adopt_log("$MQTT_msgs", "2026-12-01T00:00:00", last_seq=50) is None
+    assert leases.applied(0)[2] == 40
+    assert leases.adopt_log("$MQTT_msgs", "2026-12-01T00:00:00", last_seq=60) is None  # the same again
+    # the stream made again (NATS's JetStream data gone): another creation time
+    assert leases.adopt_log("$MQTT_msgs", "2026-12-03T00:00:00", last_seq=3) == 40
+    assert leases.applied(0)[2] == 0
+    assert leases.epochs()[0] == lease.epoch  # epochs never go back: fencing still holds
+
+
+def test_a_database_applied_past_the_logs_end_is_of_another_log(engine) -> None:  # type: ignore[no-untyped-def]
+    leases = Leases(engine, "w1")
+    assert leases.acquire(1) is not None
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE partition_leases SET applied_seq = 2047 WHERE partition = 1")
+    assert leases.adopt_log("$MQTT_msgs", "2026-12-03T00:00:00", last_seq=12) == 2047
+    assert leases.applied(1)[2] == 0
