@@ -88,7 +88,7 @@ def add_chat_command(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger().setLevel(logging.WARNING)  # log lines would tear the screen
+    logging.getLogger().setLevel(logging.ERROR)  # log lines (a reconnect's warnings too) tear the screen
     tls: ssl.SSLContext | bool = False
     if args.tls or args.ca_file:
         tls = ssl.create_default_context(cafile=args.ca_file)
