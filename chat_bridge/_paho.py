@@ -31,6 +31,11 @@ class OrderedClient(paho.Client):
         super().__init__(*args, **kwargs)
         self._reconnecting = False  # a CONNACK is being handled: earlier publishes go out first
 
+    @property
+    def _holding(self) -> bool:
+        """Whether a publish made now waits behind the ones paho still has to send again."""
+        return self._reconnecting or self._state != CONNECTED
+
     def move_to(self, host: str, port: int) -> None:
         """The broker of the next connection attempt (paho's own setters refuse while a connection
         is being torn down, which is when a client moves on)."""
@@ -42,7 +47,7 @@ class OrderedClient(paho.Client):
         if qos == 0:
             return super().publish(topic, payload, qos, retain, properties)
         with self._out_message_mutex:
-            held = self._sock is not None and (self._reconnecting or self._state != CONNECTED)
+            held = self._sock is not None and self._holding
             info = super().publish(topic, payload, qos, retain, properties)
             if held and info.rc == paho.MQTT_ERR_NO_CONN:
                 info.rc = paho.MQTT_ERR_SUCCESS  # queued, and sent once connected (as paho would)
@@ -63,7 +68,7 @@ class OrderedClient(paho.Client):
         properties: Any = None,
     ) -> MQTTErrorCode:
         # `publish` passes its message's info; paho's own resending after a CONNACK passes none
-        if qos and info is not None and (self._reconnecting or self._state != CONNECTED):
+        if qos and info is not None and self._holding:
             return paho.MQTT_ERR_NO_CONN
         return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
 

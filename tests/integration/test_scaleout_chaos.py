@@ -1,7 +1,8 @@
 """Short passes of bench/chaos_scaleout.py. One NATS node, workers over PostgreSQL, users chatting
 while the housekeeping leader is SIGKILLed (a new worker starts) and another worker is paused past
-its lease and resumed; and three NATS nodes, the one leading the command log SIGKILLed. Afterwards nothing acknowledged is lost, nothing applied twice, `seq` is
-gapless, each user's messages are in send order and the wills come after their users' commands.
+its lease and resumed; and three NATS nodes, the one leading the command log SIGKILLed.
+Afterwards nothing acknowledged is lost, nothing applied twice, `seq` is gapless, each user's
+messages are in send order and the wills come after their users' commands.
 And the chaos run's clients: one that loses its connection while a node is dead ends up on a live
 node."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from natscluster import nats_available
@@ -67,6 +69,14 @@ def test_a_chaos_client_whose_connection_is_lost_while_a_node_is_dead_moves_to_a
         cluster.stop()
 
 
+def assert_nothing_lost_twice_or_reordered(result: dict[str, Any]) -> None:
+    assert result["sent"] == result["acknowledged"] == result["applied"] > 0
+    assert result["lost_acknowledged"] == 0
+    assert result["applied_twice"] == 0
+    assert result["seq_gaps"] == 0
+    assert result["order_violations"] == 0
+
+
 @pytest.mark.postgres
 def test_scaleout_chaos_keeps_every_acknowledged_command_once_and_in_order(postgres_url: str) -> None:
     # postgres_url: skips with the reason when no PostgreSQL is reachable (chaos_scaleout makes its own)
@@ -83,11 +93,7 @@ def test_scaleout_chaos_keeps_every_acknowledged_command_once_and_in_order(postg
         schedule=[(2, "kill"), (3, "wills"), (7, "pause")],
     )
     print(result)
-    assert result["sent"] == result["acknowledged"] == result["applied"] > 0
-    assert result["lost_acknowledged"] == 0
-    assert result["applied_twice"] == 0
-    assert result["seq_gaps"] == 0
-    assert result["order_violations"] == 0
+    assert_nothing_lost_twice_or_reordered(result)
     assert result["wills"] == 3
     assert result["wills_not_applied"] == result["wills_before_earlier_commands"] == 0
     assert len(result["takeover_s"]) == 2  # the killed worker's and the paused worker's partitions
@@ -113,8 +119,4 @@ def test_scaleout_chaos_on_three_nodes_survives_the_command_logs_leader_being_ki
         kill_node="$MQTT_msgs",
     )
     print(result)
-    assert result["sent"] == result["acknowledged"] == result["applied"] > 0
-    assert result["lost_acknowledged"] == 0
-    assert result["applied_twice"] == 0
-    assert result["seq_gaps"] == 0
-    assert result["order_violations"] == 0
+    assert_nothing_lost_twice_or_reordered(result)
