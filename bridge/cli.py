@@ -178,6 +178,20 @@ OPTIONS = (
         "retained topics, comma-separated (default: the first NATS host, port 1883)",
     ),
     (
+        "--nats-auth-seed",
+        "CHAT_BRIDGE_NATS_AUTH_SEED",
+        None,
+        "scale-out with NATS 2.10 or newer: answer the nodes' auth callout, signing with the issuer "
+        "seed in this file (chat-bridge nats-auth): logins are checked against --nats-users, and the "
+        "client id rule holds",
+    ),
+    (
+        "--nats-users",
+        "CHAT_BRIDGE_NATS_USERS",
+        None,
+        "scale-out: the NATS accounts (users.conf) the auth callout checks logins against",
+    ),
+    (
         "--partitions",
         "CHAT_BRIDGE_PARTITIONS",
         "64",
@@ -261,6 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--display-name")
     add_chat_command(sub)
     sub.choices["chat"].set_defaults(parser=sub.choices["chat"])
+    auth = sub.add_parser(
+        "nats-auth",
+        help="scale-out (NATS 2.10 or newer): the auth callout's issuer key and the auth.conf that names it",
+        description="Makes an issuer key (an account nkey) in SEED_FILE unless the file exists, and "
+        "writes the auth.conf that makes the NATS nodes ask the workers about every login "
+        "(workers: serve --nats-auth-seed SEED_FILE --nats-users users.conf).",
+    )
+    auth.add_argument("seed_file", metavar="SEED_FILE", help="the issuer's seed (kept secret, mode 600)")
+    auth.add_argument(
+        "--conf",
+        default="nats/auth.conf",
+        help="the auth.conf to write, beside the chat.conf that includes it (default nats/auth.conf)",
+    )
+    auth.set_defaults(parser=auth)
     return parser
 
 
@@ -272,6 +300,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if extra:
         getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def check_nats_auth(settings: Settings) -> None:
+    """--nats-auth-seed: a worker's, with a readable seed and accounts file."""
+    from . import natsauth
+
+    assert settings.nats_auth_seed is not None
+    if not settings.nats_url:
+        raise ConfigError("--nats-auth-seed is for a scale-out worker: give --nats-url too")
+    if not settings.nats_users:
+        raise ConfigError("--nats-auth-seed needs --nats-users: the accounts that logins are checked against")
+    try:
+        natsauth.Issuer.from_file(Path(settings.nats_auth_seed))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--nats-auth-seed {settings.nats_auth_seed}: {exc}") from None
+    if not Path(settings.nats_users).is_file():
+        raise ConfigError(f"--nats-users {settings.nats_users}: no such file")
 
 
 def check_database_url(url: str) -> None:
@@ -354,7 +399,25 @@ def update_nats_users(path: Path, user_id: str, password: str | None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(natsconf.users_conf(accounts))
     tmp.replace(path)
+    auth = path.with_name("auth.conf")  # chat.conf includes it beside users.conf
+    if not auth.exists():
+        auth.write_text(natsconf.auth_conf())
     print(f"{user_id} {'saved in' if password is not None else 'removed from'} {path} (reload NATS)")
+
+
+def nats_auth_command(args: argparse.Namespace) -> int:
+    from . import natsauth, natsconf
+
+    seed = Path(args.seed_file)
+    try:
+        issuer = natsauth.write_issuer(seed)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{seed}: {exc}") from None
+    conf = Path(args.conf)
+    conf.write_text(natsconf.auth_conf(issuer))
+    print(f"{conf}: logins go to the workers' auth callout (issuer {issuer}); reload NATS, and give")
+    print(f"the workers --nats-auth-seed {seed} --nats-users {conf.with_name('users.conf')}")
+    return 0
 
 
 def users_command(args: argparse.Namespace) -> int:
@@ -532,7 +595,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_pending_per_address=_partitions(args.max_pending_per_address, "--max-pending-per-address"),
         lease=_positive(args.lease, "--lease"),
         mqtt_client=args.mqtt_client,
+        nats_auth_seed=args.nats_auth_seed or None,
+        nats_users=args.nats_users or None,
     )
+    if settings.nats_auth_seed:
+        check_nats_auth(settings)
     if settings.nats_url and settings.broker_url:
         from .worker import broker_addresses
 
@@ -558,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return users_command(args)
         if args.command == "chat":
             return int(args.run(args))
+        if args.command == "nats-auth":
+            return nats_auth_command(args)
         settings = settings_from(args)
         return serve(settings)
     except (ConfigError, BrokerStartError, HttpServerError) as exc:

@@ -79,6 +79,8 @@ class Settings:
     presence: str = "broadcast"  # or "retained": presence only in the retained presence topics
     nats_url: str | None = None  # scale-out: one worker of a group over a NATS cluster
     partitions: int = 64  # scale-out: partitions of the command log (the NATS mapping's count)
+    nats_auth_seed: str | None = None  # scale-out: answer NATS's auth callout, signing with this seed
+    nats_users: str | None = None  # scale-out: the accounts (users.conf) the auth callout checks
     lease: float = 10.0  # scale-out: seconds a worker's leases last without a heartbeat
     mqtt_client: str = "mqttc"  # the bridge's MQTT client: "mqttc" (bridge/mqtt_client.py) or "paho"
     publish_window: int = 10_000  # events handed to the MQTT client and not yet acknowledged, at most

