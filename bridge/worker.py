@@ -43,11 +43,12 @@ from urllib.parse import unquote, urlsplit
 
 import nats
 import orjson
-import paho.mqtt.client as paho
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Gauge
+
+from chat_bridge._paho import OrderedClient
 
 from . import protocol as p
 from .config import BrokerAddress, ConfigError, Settings, parse_listen
@@ -224,7 +225,9 @@ class RetainedPublisher:
     ) -> None:
         self.addresses = addresses
         self._at = 0
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        # OrderedClient: publishes made while it reconnects go out after the ones it sends again, and
+        # it can be moved to another listener while the old connection is being torn down
+        self.client = OrderedClient(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         first = addresses[0]
         if first.username:
             self.client.username_pw_set(first.username, first.password)
@@ -273,9 +276,9 @@ class RetainedPublisher:
         if len(self.addresses) < 2:
             return
         self._at = (self._at + 1) % len(self.addresses)
-        with contextlib.suppress(RuntimeError, ValueError):  # (only while the connection is closed)
-            self.client.host = self.address.host
-            self.client.port = self.address.port
+        # (paho's host and port setters raise here, as the old connection is not closed yet: the
+        # publisher stayed on a dead node for good)
+        self.client.move_to(self.address.host, self.address.port)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._lock:
