@@ -269,13 +269,21 @@ class AuthResponder:
             self._matched.popitem(last=False)
         return None
 
-    def user_jwt(self, request: AuthRequest) -> str:
-        pub, sub = permissions(request.user, self.topic_prefix)
+    def _sign(self, claims: dict[str, Any]) -> str:
+        """A JWT of these claims, with an id, the time and the issuer added."""
         return self.issuer.sign(
             {
                 "jti": _b64(secrets.token_bytes(16)),
                 "iat": int(self._clock()),
                 "iss": self.issuer.public_key,
+                **claims,
+            }
+        )
+
+    def user_jwt(self, request: AuthRequest) -> str:
+        pub, sub = permissions(request.user, self.topic_prefix)
+        return self._sign(
+            {
                 "name": request.user,
                 "sub": request.user_nkey,
                 "aud": self.account,  # without operators, the account the user is placed in
@@ -295,11 +303,8 @@ class AuthResponder:
     def answer(self, request: AuthRequest, error: str | None) -> str:
         """The signed authorization response: a user JWT, or the error."""
         body: dict[str, Any] = {"error": error} if error is not None else {"jwt": self.user_jwt(request)}
-        return self.issuer.sign(
+        return self._sign(
             {
-                "jti": _b64(secrets.token_bytes(16)),
-                "iat": int(self._clock()),
-                "iss": self.issuer.public_key,
                 "sub": request.user_nkey,
                 "aud": request.server_id,
                 "nats": {**body, "type": "authorization_response", "version": 2},
